@@ -1,0 +1,189 @@
+"""The aiohttp application: routes, health, status, static page, model lifecycle.
+
+The model loads in the background after the socket is bound, so ``/healthz`` answers at
+once and ``/readyz`` says what is happening during a long first download.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import mimetypes
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import WSCloseCode, web
+
+from . import __version__, protocol
+from .checkpoint import CheckpointError, load_model
+from .config import Config
+from .engine import Engine
+from .protocol import ErrorCode, Sampling
+from .session import handle_chat, refuse_chat
+
+log = logging.getLogger(__name__)
+
+mimetypes.add_type("application/wasm", ".wasm")
+
+
+def bundled_static_dir() -> Path:
+    """The page: inside the package when installed from a wheel, else the repo's static/."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "static", here.parent / "static"):
+        if (candidate / "index.html").is_file():
+            return candidate
+    return here.parent / "static"
+
+
+@dataclass
+class ServerState:
+    """Everything the handlers share; one per app."""
+
+    config: Config
+    engine: Engine | None = None
+    phase: str = "loading"  # loading -> ready | failed
+    failure: str | None = None
+    started_at: float = field(default_factory=time.monotonic)
+    sockets: set[web.WebSocketResponse] = field(default_factory=set)
+    loader: asyncio.Task | None = None
+
+    @property
+    def ready(self) -> bool:
+        engine = self.engine
+        return engine is not None and engine.ready.is_set() and not engine.failure
+
+
+STATE = web.AppKey("state", ServerState)
+STATIC_DIR = web.AppKey("static_dir", Path)
+
+
+async def load_engine(state: ServerState) -> None:
+    """Load the checkpoint off the loop, then start the model thread (which warms up)."""
+    config = state.config
+    try:
+        model = await asyncio.to_thread(load_model, config)
+    except CheckpointError as exc:
+        state.phase, state.failure = "failed", str(exc)
+        raise
+    engine = Engine(model, Sampling.defaults(config), config.warmup_frames)
+    engine.start()
+    state.engine = engine
+    state.phase = "warming_up"
+    while not engine.ready.is_set() and not engine.failure:
+        await asyncio.sleep(0.05)
+    if engine.failure:
+        state.phase, state.failure = "failed", engine.failure
+        raise CheckpointError(engine.failure)
+    state.phase = "ready"
+    log.info("ready: %s on %s", model.source, model.device)
+
+
+async def _engine_ctx(app: web.Application):
+    state = app[STATE]
+    state.loader = asyncio.create_task(load_engine(state))
+    yield
+    state.loader.cancel()
+    if state.engine is not None:
+        await asyncio.to_thread(state.engine.stop)
+
+
+async def _close_sockets(app: web.Application) -> None:
+    """On shutdown, tell connected users and close their sockets."""
+    for ws in list(app[STATE].sockets):
+        if not ws.closed:
+            await ws.send_bytes(
+                protocol.encode_error(
+                    ErrorCode.SHUTTING_DOWN, "the server is shutting down; try again in a moment"
+                )
+            )
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+
+
+# ---- handlers --------------------------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if state.ready:
+        return web.json_response({"ready": True})
+    reason = state.failure or {
+        "loading": "loading the model (the first start downloads it)",
+        "warming_up": "warming up the model",
+    }.get(state.phase, state.phase)
+    return web.json_response({"ready": False, "phase": state.phase, "reason": reason}, status=503)
+
+
+def _p50(values: list[float]) -> float | None:
+    return round(statistics.median(values), 2) if values else None
+
+
+async def api_status(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    engine = state.engine
+    body: dict = {
+        "version": __version__,
+        "phase": state.phase,
+        "ready": state.ready,
+        "uptime_seconds": round(time.monotonic() - state.started_at, 1),
+        "model": None,
+    }
+    if state.failure:
+        body["failure"] = state.failure
+    if engine is not None:
+        model = engine.model
+        current = engine.current
+        steps = list(engine.stats.recent_steps)
+        body.update(
+            {
+                "model": model.source,
+                "device": str(model.device),
+                "dtype": str(model.dtype).removeprefix("torch."),
+                "busy": current is not None,
+                "current_session_seconds": round(current.age_seconds, 1) if current else None,
+                "sessions_served": engine.stats.sessions_served,
+                "frames_processed": engine.stats.frames_processed,
+                "frames_dropped": engine.stats.frames_dropped + (current.dropped_frames if current else 0),
+                "step_ms_p50": {
+                    "encode": _p50([s.encode for s in steps]),
+                    "lm": _p50([s.lm for s in steps]),
+                    "decode": _p50([s.decode for s in steps]),
+                    "total": _p50([s.total for s in steps]),
+                },
+            }
+        )
+    return web.json_response(body)
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    if not state.ready:
+        reason = state.failure or "the model is still loading; try again shortly"
+        return await refuse_chat(request, state.config, ErrorCode.NOT_READY, reason)
+    assert state.engine is not None
+    return await handle_chat(request, state.engine, state.config, state.sockets)
+
+
+async def index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(request.app[STATIC_DIR] / "index.html")
+
+
+def create_app(config: Config) -> web.Application:
+    app = web.Application()
+    app[STATE] = ServerState(config)
+    static_dir = config.static_dir or bundled_static_dir()
+    app[STATIC_DIR] = static_dir
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/api/status", api_status)
+    app.router.add_get("/api/chat", chat)
+    app.router.add_get("/", index)
+    app.router.add_static("/", static_dir)
+    app.cleanup_ctx.append(_engine_ctx)
+    app.on_shutdown.append(_close_sockets)
+    return app

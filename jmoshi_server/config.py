@@ -1,0 +1,182 @@
+"""All settings in one place: a dataclass whose fields become CLI flags with JMOSHI_* twins.
+
+Each field declares its flag help once; `parse_config` builds the argparse parser from the
+fields, and every flag's default comes from the environment variable of the same name
+(``--max-message-bytes`` <-> ``JMOSHI_MAX_MESSAGE_BYTES``). Precedence: flag > env > default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "JMOSHI_"
+DEFAULT_HF_REPO = "nu-dialogue/j-moshi-ext"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _opt(help_text: str, default: Any = None, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help_text, **extra})
+
+
+@dataclass(frozen=True)
+class Config:
+    """Server settings. Field names map to ``--flag-name`` and ``JMOSHI_FLAG_NAME``."""
+
+    host: str = _opt("Address to bind (0.0.0.0 to serve the LAN).", "127.0.0.1")
+    port: int = _opt("TCP port.", 8998)
+    hf_repo: str = _opt("Hugging Face repo with the J-Moshi weights.", DEFAULT_HF_REPO)
+    model_dir: Path | None = _opt(
+        "Load model.safetensors, the Mimi and tokenizer files (and an optional config.json) "
+        "from this directory instead of the hub; no network is used."
+    )
+    demo: bool = _opt(
+        "Serve a tiny randomly-initialised checkpoint (built once, cached). Its speech is noise "
+        "and its text random: for trying the server and for tests on any machine.",
+        False,
+    )
+    demo_dir: Path | None = _opt(
+        "Where the demo checkpoint is built and cached (default: the user cache dir)."
+    )
+    device: str | None = _opt("Torch device: cuda, cuda:N or cpu (default: cuda; cpu with --demo).")
+    dtype: str | None = _opt(
+        "Weights dtype: bfloat16, float16 or float32 (default: bfloat16 on cuda, float32 on cpu).",
+        choices=("bfloat16", "float16", "float32"),
+    )
+    warmup_frames: int = _opt("Frames run at start-up so CUDA graphs are captured before users.", 4)
+    text_temperature: float = _opt("Default text sampling temperature (0 = greedy).", 0.7)
+    text_topk: int = _opt("Default text top-k.", 25)
+    audio_temperature: float = _opt("Default audio sampling temperature (0 = greedy).", 0.8)
+    audio_topk: int = _opt("Default audio top-k.", 250)
+    seed: int | None = _opt("Default random seed per session (unset: a fresh seed each session).")
+    input_budget_ms: int = _opt(
+        "Most audio queued for the model; older input beyond it is dropped so latency stays bounded.",
+        240,
+    )
+    max_message_bytes: int = _opt("Largest WebSocket message accepted.", 1 << 20)
+    max_session_seconds: int = _opt("End a session after this long (0 = unlimited).", 600)
+    heartbeat_seconds: float = _opt(
+        "WebSocket ping interval; a client silent for half of it is dropped.", 5.0
+    )
+    static_dir: Path | None = _opt("Directory served at / (default: the bundled page).")
+    log_level: str = _opt("Log level.", "info", choices=("debug", "info", "warning", "error"))
+
+    @property
+    def resolved_device(self) -> str:
+        return self.device or ("cpu" if self.demo else "cuda")
+
+    @property
+    def resolved_dtype(self) -> str:
+        if self.dtype:
+            return self.dtype
+        return "float32" if self.resolved_device == "cpu" else "bfloat16"
+
+    @property
+    def frame_budget(self) -> int:
+        """Input frames (80 ms each) that may wait for the model before the oldest is dropped."""
+        return max(1, round(self.input_budget_ms / 80))
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _field_type(f: dataclasses.Field) -> str:
+    """The base type name of a field ("int", "Path", ...), ignoring ``| None``."""
+    return str(f.type).replace(" | None", "").strip()
+
+
+def _convert(f: dataclasses.Field, raw: str) -> Any:
+    kind = _field_type(f)
+    if kind == "bool":
+        value = raw.strip().lower()
+        if value in _TRUE:
+            return True
+        if value in _FALSE:
+            return False
+        raise ValueError(f"expected one of {sorted(_TRUE | _FALSE)}")
+    if kind == "int":
+        return int(raw)
+    if kind == "float":
+        return float(raw)
+    if kind == "Path":
+        return Path(raw).expanduser()
+    return raw
+
+
+def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """An argparse parser whose defaults come from ``env`` (``os.environ`` when None)."""
+    env = os.environ if env is None else env
+    parser = argparse.ArgumentParser(
+        prog="jmoshi-server",
+        description="Real-time Japanese voice chat with J-Moshi. Every flag has a JMOSHI_* env twin.",
+    )
+    for f in dataclasses.fields(Config):
+        default = f.default
+        var = env_name(f.name)
+        if var in env:
+            try:
+                default = _convert(f, env[var])
+            except ValueError as exc:
+                parser.error(f"{var}={env[var]!r}: {exc}")
+        help_text = f"{f.metadata['help']} [env {var}]"
+        if _field_type(f) == "bool":
+            parser.add_argument(
+                flag_name(f.name),
+                dest=f.name,
+                default=default,
+                action=argparse.BooleanOptionalAction,
+                help=help_text,
+            )
+            continue
+        parser.add_argument(
+            flag_name(f.name),
+            dest=f.name,
+            default=default,
+            type=lambda raw, f=f: _convert(f, raw),
+            choices=f.metadata.get("choices"),
+            help=help_text,
+        )
+    return parser
+
+
+def validate(config: Config) -> list[str]:
+    """Human-readable problems with a config (empty when it is usable)."""
+    problems = []
+    if not 0 < config.port < 65536:
+        problems.append(f"--port {config.port} is not a TCP port")
+    if config.demo and config.model_dir:
+        problems.append("--demo and --model-dir exclude each other")
+    if config.max_message_bytes < 1024:
+        problems.append("--max-message-bytes must be at least 1024")
+    if config.input_budget_ms < 80:
+        problems.append("--input-budget-ms must be at least one frame (80)")
+    if config.max_session_seconds < 0:
+        problems.append("--max-session-seconds must be >= 0")
+    if config.heartbeat_seconds <= 0:
+        problems.append("--heartbeat-seconds must be > 0")
+    if config.text_temperature < 0 or config.audio_temperature < 0:
+        problems.append("temperatures must be >= 0")
+    if config.text_topk < 1 or config.audio_topk < 1:
+        problems.append("top-k values must be >= 1")
+    return problems
+
+
+def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
+    parser = build_parser(env)
+    args = parser.parse_args(argv)
+    config = Config(**vars(args))
+    problems = validate(config)
+    if problems:
+        parser.error("; ".join(problems))
+    return config

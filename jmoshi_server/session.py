@@ -1,0 +1,309 @@
+"""One chat over one WebSocket: pumps audio from the socket into the engine and back.
+
+socket -> Opus decode -> engine input queue -> (model thread) -> results -> Opus encode /
+detokenize -> socket. The session never waits on the model: it only queues frames and
+receives results the model thread hands to the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from dataclasses import dataclass
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from . import protocol
+from .audio import BadAudio, OpusEncoder, OpusFrameDecoder
+from .config import Config
+from .engine import Engine, EngineSession, FrameResult, SessionEnd
+from .protocol import ErrorCode, Kind, ParameterError, Sampling
+from .text import Detokenizer
+
+log = logging.getLogger(__name__)
+
+_session_ids = itertools.count(1)
+READY_TIMEOUT_S = 120.0  # re-capturing CUDA graphs for new audio settings can take a while
+ENGINE_RELEASE_TIMEOUT_S = 30.0  # one model step on a very slow device, with margin
+MAX_PENDING_RESULTS = 25  # 2 s of model output waiting for a client that does not read
+
+
+class ChatSocket(web.WebSocketResponse):
+    """A WebSocketResponse that says *why* before aiohttp closes for an oversized message.
+
+    aiohttp closes with 1009 inside ``receive()`` when a message passes ``max_msg_size``;
+    this sends the protocol's ``message_too_large`` error first.
+    """
+
+    async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True) -> bool:
+        if code == WSCloseCode.MESSAGE_TOO_BIG and not self.closed:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self.send_bytes(
+                    protocol.encode_error(
+                        ErrorCode.MESSAGE_TOO_LARGE,
+                        f"a message was larger than the server's limit of {self._max_msg_size} bytes",
+                    )
+                )
+            message = message or b"message too large"
+        return await super().close(code=code, message=message, drain=drain)
+
+
+class SessionLog(logging.LoggerAdapter):
+    """Prefixes each line with the session's id and peer, e.g. ``[s3 192.168.1.20]``."""
+
+    def __init__(self, logger: logging.Logger, prefix: str) -> None:
+        super().__init__(logger, {})
+        self.prefix = prefix
+
+    def process(self, msg, kwargs):
+        return f"[{self.prefix}] {msg}", kwargs
+
+
+@dataclass
+class Ending:
+    """Why a session ended: an error code (None for a normal end) and the close code."""
+
+    code: ErrorCode | None
+    message: str
+    close_code: int = WSCloseCode.OK
+
+
+class ChatSession:
+    def __init__(self, request: web.Request, ws: ChatSocket, engine: Engine, config: Config) -> None:
+        self.id = next(_session_ids)
+        self.ws = ws
+        self.engine = engine
+        self.config = config
+        self.log = SessionLog(log, f"s{self.id} {request.remote or '?'}")
+        self.detokenizer = Detokenizer(engine.model.tokenizer)
+        self.decoder = OpusFrameDecoder()
+        self.encoder = OpusEncoder()
+        self.results: asyncio.Queue[FrameResult] = asyncio.Queue()
+        self.engine_done = asyncio.Event()
+        self.ending: Ending | None = None
+        self.frames_out = 0
+        self._warned: set[ErrorCode] = set()
+        self.claim: EngineSession | None = None
+
+    # ---- helpers -----------------------------------------------------------------------
+
+    async def _send_error(self, code: ErrorCode, message: str, **extra: object) -> None:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self.ws.send_bytes(protocol.encode_error(code, message, **extra))
+
+    async def refuse(self, code: ErrorCode, message: str, close_code: int, **extra: object) -> None:
+        """Answer and close without ever taking the model."""
+        self.log.info("refused (%s): %s", code, message)
+        await _refuse(self.ws, code, message, close_code, **extra)
+
+    def _end(self, code: ErrorCode | None, message: str, close_code: int = WSCloseCode.OK) -> None:
+        """Record the first reason the session ends; later ones are consequences."""
+        if self.ending is None:
+            self.ending = Ending(code, message, close_code)
+
+    def _on_result(self, item: FrameResult | SessionEnd) -> None:
+        """Runs on the event loop for every item the model thread posts."""
+        if isinstance(item, SessionEnd):
+            if item.error:
+                self._end(ErrorCode.INTERNAL, item.error, WSCloseCode.INTERNAL_ERROR)
+            self.engine_done.set()
+            self.results.put_nowait(None)  # wakes the sender so it can finish
+            return
+        if self.results.qsize() >= MAX_PENDING_RESULTS:
+            self._end(
+                ErrorCode.SLOW_CONSUMER,
+                "the connection is not reading the model's audio fast enough",
+                WSCloseCode.TRY_AGAIN_LATER,
+            )
+            if self.claim:
+                self.claim.close()
+            return
+        self.results.put_nowait(item)
+
+    # ---- the session -------------------------------------------------------------------
+
+    async def run(self, query: dict[str, str]) -> None:
+        try:
+            sampling = protocol.parse_sampling(query, Sampling.defaults(self.config))
+        except ParameterError as exc:
+            await self.refuse(ErrorCode.BAD_PARAMETER, str(exc), WSCloseCode.POLICY_VIOLATION)
+            return
+        loop = asyncio.get_running_loop()
+        self.claim = self.engine.try_claim(sampling, self.config.frame_budget, loop, self._on_result)
+        if self.claim is None:
+            current = self.engine.current
+            age = round(current.age_seconds, 1) if current else 0.0
+            await self.refuse(
+                ErrorCode.BUSY,
+                "another conversation is using the model; try again later",
+                WSCloseCode.TRY_AGAIN_LATER,
+                session_seconds=age,
+            )
+            return
+        try:
+            await self._converse()
+        finally:
+            await self._finish()
+
+    async def _converse(self) -> None:
+        claim = self.claim
+        assert claim is not None
+        if not await asyncio.wait_for(asyncio.shield(claim.ready), READY_TIMEOUT_S):
+            self._end(
+                ErrorCode.INTERNAL, "the model could not start this session", WSCloseCode.INTERNAL_ERROR
+            )
+            return
+        await self.ws.send_bytes(protocol.encode(Kind.HANDSHAKE))
+        await self.ws.send_bytes(protocol.encode_json(Kind.METADATA, self._metadata()))
+        self.log.info("session started (seed %d, %s)", claim.seed, claim.sampling)
+        # The session ends when the client stops, the sender stops, or the model thread is
+        # done with it (an error, or a client too slow to read), whichever comes first.
+        tasks = {
+            asyncio.create_task(self._receive_loop()),
+            asyncio.create_task(self._send_loop()),
+            asyncio.create_task(self.engine_done.wait()),
+        }
+        limit = self.config.max_session_seconds or None
+        done, _ = await asyncio.wait(tasks, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+        if not done:
+            self._end(
+                ErrorCode.SESSION_LIMIT,
+                f"sessions are limited to {self.config.max_session_seconds} s; start a new one",
+            )
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _metadata(self) -> dict:
+        claim = self.claim
+        assert claim is not None
+        model = self.engine.model
+        return {
+            "server": "jmoshi-server",
+            "model": model.source,
+            "device": str(model.device),
+            "sampling": {**claim.sampling.to_json(), "seed": claim.seed},
+            "sample_rate": 24000,
+            "frame_rate": 12.5,
+            "max_session_seconds": self.config.max_session_seconds,
+            "input_budget_ms": self.config.input_budget_ms,
+        }
+
+    async def _finish(self) -> None:
+        """Free the model before the socket closes, so the next user finds it free."""
+        if self.claim is not None:
+            self.claim.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.engine_done.wait(), ENGINE_RELEASE_TIMEOUT_S)
+        ending = self.ending or Ending(None, "normal")
+        if ending.code is not None:
+            await self._send_error(ending.code, ending.message)
+        claim = self.claim
+        self.log.info(
+            "session ended after %.1f s (%s): %d frames in, %d out, %d dropped",
+            claim.age_seconds if claim else 0.0,
+            ending.code or "normal",
+            claim.frames_in if claim else 0,
+            self.frames_out,
+            claim.dropped_frames if claim else 0,
+        )
+        if ending.code in (ErrorCode.INTERNAL, ErrorCode.SLOW_CONSUMER, ErrorCode.SESSION_LIMIT):
+            self.log.warning("%s", ending.message)
+        if not self.ws.closed:
+            await self.ws.close(code=ending.close_code, message=str(ending.code or "bye").encode())
+
+    # ---- pumps -------------------------------------------------------------------------
+
+    async def _receive_loop(self) -> None:
+        async for message in self.ws:
+            if message.type == WSMsgType.BINARY:
+                if not await self._on_binary(message.data):
+                    return
+            elif message.type == WSMsgType.TEXT:
+                await self._complain(
+                    ErrorCode.TEXT_FRAME, "text frames are not part of the protocol; send binary messages"
+                )
+            elif message.type == WSMsgType.ERROR:
+                self._end(None, f"connection error: {self.ws.exception()}")
+                return
+        self._end(None, "client closed")
+
+    async def _on_binary(self, data: bytes) -> bool:
+        """Handle one binary message; False when it ends the session."""
+        if not data:
+            await self._complain(ErrorCode.EMPTY_MESSAGE, "empty message (no kind byte)")
+            return True
+        kind, payload = data[0], data[1:]
+        if kind == Kind.AUDIO:
+            try:
+                frames = self.decoder.feed(payload)
+            except BadAudio as exc:
+                self._end(ErrorCode.BAD_AUDIO, str(exc), WSCloseCode.UNSUPPORTED_DATA)
+                return False
+            for frame in frames:
+                self.claim.push(frame)  # type: ignore[union-attr]
+            return True
+        if kind in protocol.IGNORED_CLIENT_KINDS:
+            return True
+        await self._complain(ErrorCode.UNKNOWN_KIND, f"unknown message kind 0x{kind:02x}")
+        return True
+
+    async def _complain(self, code: ErrorCode, message: str) -> None:
+        """A recoverable protocol mistake: tell the client, log it once per session."""
+        if code not in self._warned:
+            self._warned.add(code)
+            self.log.warning("%s: %s", code, message)
+        await self._send_error(code, message)
+
+    async def _send_loop(self) -> None:
+        while (result := await self.results.get()) is not None:
+            if result.pcm is not None:
+                ogg = self.encoder.encode(result.pcm)
+                self.frames_out += 1
+                if ogg:
+                    await self.ws.send_bytes(protocol.encode(Kind.AUDIO, ogg))
+            if result.text_token is not None:
+                text = self.detokenizer.push(result.text_token)
+                if text:
+                    await self.ws.send_bytes(protocol.encode(Kind.TEXT, text.encode("utf-8")))
+        self._end(None, "the model finished the session")
+
+
+async def _refuse(
+    ws: web.WebSocketResponse, code: ErrorCode, message: str, close_code: int, **extra: object
+) -> None:
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        await ws.send_bytes(protocol.encode_error(code, message, **extra))
+    await ws.close(code=close_code, message=str(code).encode())
+
+
+async def refuse_chat(
+    request: web.Request, config: Config, code: ErrorCode, message: str
+) -> web.WebSocketResponse:
+    """Open the socket only to say why there is no session (model loading or failed)."""
+    ws = ChatSocket(max_msg_size=config.max_message_bytes)
+    await ws.prepare(request)
+    log.info("[%s] refused (%s): %s", request.remote, code, message)
+    await _refuse(ws, code, message, WSCloseCode.TRY_AGAIN_LATER)
+    return ws
+
+
+async def handle_chat(
+    request: web.Request, engine: Engine, config: Config, sockets: set[web.WebSocketResponse]
+) -> web.WebSocketResponse:
+    ws = ChatSocket(heartbeat=config.heartbeat_seconds, max_msg_size=config.max_message_bytes)
+    await ws.prepare(request)
+    sockets.add(ws)
+    session = ChatSession(request, ws, engine, config)
+    try:
+        await session.run(dict(request.query))
+    except Exception:
+        session.log.exception("session failed")
+        raise
+    finally:
+        sockets.discard(ws)
+        if not ws.closed:
+            await ws.close(code=WSCloseCode.INTERNAL_ERROR)
+    return ws
