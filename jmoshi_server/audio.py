@@ -12,8 +12,7 @@ import numpy as np
 import sphn
 
 from .engine import FRAME_SAMPLES, SAMPLE_RATE
-
-OGG_CAPTURE_PATTERN = b"OggS"
+from .ogg import BadOgg, check_pages
 
 
 class BadAudio(ValueError):
@@ -21,15 +20,21 @@ class BadAudio(ValueError):
 
 
 class OpusFrameDecoder:
-    """Ogg/Opus pages in, whole 1920-sample float32 frames out."""
+    """Ogg/Opus pages in, whole 1920-sample float32 frames out.
+
+    sphn decodes on a thread of its own: ``append_bytes`` returns what is decoded so far,
+    so a message's audio may come out with a later message.
+    """
 
     def __init__(self) -> None:
         self._reader = sphn.OpusStreamReader(SAMPLE_RATE)
         self._pending = np.zeros(0, dtype=np.float32)
 
     def feed(self, payload: bytes) -> list[np.ndarray]:
-        if not payload.startswith(OGG_CAPTURE_PATTERN):
-            raise BadAudio("audio payload is not an Ogg page (no 'OggS' capture pattern)")
+        try:
+            check_pages(payload)
+        except BadOgg as exc:
+            raise BadAudio(str(exc)) from None
         try:
             pcm = self._reader.append_bytes(payload)
         except ValueError as exc:  # sphn reports broken pages as ValueError

@@ -198,7 +198,7 @@ class ChatSession:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.engine_done.wait(), ENGINE_RELEASE_TIMEOUT_S)
         ending = self.ending or Ending(None, "normal")
-        if ending.code is not None:
+        if ending.code is not None and not self.ws.closed:
             await self._send_error(ending.code, ending.message)
         claim = self.claim
         self.log.info(
@@ -209,8 +209,8 @@ class ChatSession:
             self.frames_out,
             claim.dropped_frames if claim else 0,
         )
-        if ending.code in (ErrorCode.INTERNAL, ErrorCode.SLOW_CONSUMER, ErrorCode.SESSION_LIMIT):
-            self.log.warning("%s", ending.message)
+        if ending.code is not None:
+            self.log.warning("%s: %s", ending.code, ending.message)
         if not self.ws.closed:
             await self.ws.close(code=ending.close_code, message=str(ending.code or "bye").encode())
 
@@ -226,9 +226,18 @@ class ChatSession:
                     ErrorCode.TEXT_FRAME, "text frames are not part of the protocol; send binary messages"
                 )
             elif message.type == WSMsgType.ERROR:
-                self._end(None, f"connection error: {self.ws.exception()}")
-                return
-        self._end(None, "client closed")
+                break
+        error = self.ws.exception()
+        if getattr(error, "code", None) == WSCloseCode.MESSAGE_TOO_BIG:
+            # aiohttp closed the socket; ChatSocket.close already told the client why.
+            limit = self.config.max_message_bytes
+            self._end(
+                ErrorCode.MESSAGE_TOO_LARGE, f"a message exceeded {limit} bytes", WSCloseCode.MESSAGE_TOO_BIG
+            )
+        elif error is not None:
+            self._end(None, f"connection error: {error}")
+        else:
+            self._end(None, "client closed")
 
     async def _on_binary(self, data: bytes) -> bool:
         """Handle one binary message; False when it ends the session."""

@@ -9,12 +9,13 @@ for Japanese, and this module gets right:
 * rare characters come as byte-fallback pieces (``<0xE3>`` ``<0x81>`` ``<0x93>``) spread
   over several frames: they are assembled into UTF-8 and a character is emitted only once
   complete. An invalid or interrupted sequence is dropped, never shown as ``<0x..>`` or
-  as U+FFFD.
+  as U+FFFD; so are control characters.
 """
 
 from __future__ import annotations
 
 import codecs
+import unicodedata
 
 import sentencepiece
 
@@ -51,7 +52,9 @@ class Detokenizer:
         piece = self._bytes_of(token_id)
         if not piece:
             return ""
-        return self._utf8.decode(piece)
+        text = self._utf8.decode(piece)
+        # Control characters (a byte-fallback 0x08, say) are not text anyone should see.
+        return "".join(ch for ch in text if unicodedata.category(ch) != "Cc")
 
     def reset(self) -> None:
         """Start a new stream: an unfinished byte sequence is dropped."""
