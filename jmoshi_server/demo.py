@@ -82,7 +82,9 @@ def default_demo_dir() -> Path:
     return base / "jmoshi-server" / f"demo-v{DEMO_VERSION}"
 
 
-def train_tokenizer(out_path: Path) -> sentencepiece.SentencePieceProcessor:
+def train_tokenizer(
+    out_path: Path, vocab_size: int = DEMO_VOCAB_SIZE
+) -> sentencepiece.SentencePieceProcessor:
     """A unigram model with byte fallback, ids 0..3 as J-Moshi's control ids."""
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus.txt"
@@ -92,7 +94,7 @@ def train_tokenizer(out_path: Path) -> sentencepiece.SentencePieceProcessor:
             input=str(corpus),
             model_prefix=str(prefix),
             model_type="unigram",
-            vocab_size=DEMO_VOCAB_SIZE,
+            vocab_size=vocab_size,
             hard_vocab_limit=False,
             byte_fallback=True,
             character_coverage=0.98,

@@ -34,21 +34,12 @@ def free_port() -> int:
 class ServerProcess:
     """``python -m jmoshi_server --demo`` on a free port, as a user would run it."""
 
-    def __init__(self, demo_dir: Path, log_path: Path, *args: str, env: dict | None = None) -> None:
+    def __init__(self, demo_dir: Path | None, log_path: Path, *args: str, env: dict | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        cmd = [
-            sys.executable,
-            "-m",
-            "jmoshi_server",
-            "--demo",
-            "--demo-dir",
-            str(demo_dir),
-            "--port",
-            str(self.port),
-            *args,
-        ]
+        model = ["--demo", "--demo-dir", str(demo_dir)] if demo_dir else []
+        cmd = [sys.executable, "-m", "jmoshi_server", *model, "--port", str(self.port), *args]
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=REPO)
@@ -70,6 +61,9 @@ class ServerProcess:
     def log_text(self) -> str:
         self._log.flush()
         return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def wait_exit(self, timeout: float = 60.0) -> int:
+        return self.proc.wait(timeout)
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -94,8 +88,9 @@ def start_server(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     started: list[ServerProcess] = []
     logs = tmp_path_factory.mktemp("logs")
 
-    def start(*args: str, env: dict | None = None, wait: bool = True) -> ServerProcess:
-        server = ServerProcess(demo_dir, logs / f"server-{len(started)}.log", *args, env=env)
+    def start(*args: str, env: dict | None = None, wait: bool = True, demo: bool = True) -> ServerProcess:
+        log = logs / f"server-{len(started)}.log"
+        server = ServerProcess(demo_dir if demo else None, log, *args, env=env)
         started.append(server)
         return server.wait_ready() if wait else server
 
