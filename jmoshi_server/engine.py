@@ -155,8 +155,15 @@ class EngineSession:
 
     def _post(self, item: FrameResult | SessionEnd) -> None:
         """Model thread: hand a result to the event loop."""
+        self._call_on_loop(self.on_result, item)
+
+    def _set_ready(self, ready: bool) -> None:
+        """Model thread: tell the session whether it may start (first call wins)."""
+        self._call_on_loop(_resolve, self.ready, ready)
+
+    def _call_on_loop(self, fn: Callable, *args: object) -> None:
         with contextlib.suppress(RuntimeError):  # loop already closed at shutdown
-            self.loop.call_soon_threadsafe(self.on_result, item)
+            self.loop.call_soon_threadsafe(fn, *args)
 
 
 @dataclass
@@ -295,7 +302,7 @@ class Engine:
         error = None
         try:
             self._prepare(session)
-            session.loop.call_soon_threadsafe(_resolve, session.ready, True)
+            session._set_ready(True)
             first = True
             while (frame := session._next_frame()) is not None:
                 result = self._step(frame, discard_encoder_state=first)
@@ -313,7 +320,7 @@ class Engine:
         finally:
             self.stats.sessions_served += 1
             self.stats.frames_dropped += session.dropped_frames
-            session.loop.call_soon_threadsafe(_resolve, session.ready, False)
+            session._set_ready(False)
             session._post(SessionEnd(error))
             with self._wake:
                 self._current = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 import aiohttp
@@ -52,7 +53,7 @@ async def next_error(ws: aiohttp.ClientWebSocketResponse, timeout: float = 10.0)
 
 
 async def test_japanese_speech_round_trip(server, speech_pcm):
-    result = await converse(chat_url(server.url), speech_pcm, tail_seconds=0.5)
+    result = await converse(chat_url(server.url), speech_pcm, tail_seconds=1.5)
     assert result.errors == []
     assert result.handshake_seconds is not None and result.handshake_seconds < 5
     seconds_in = len(speech_pcm) / SAMPLE_RATE
@@ -244,11 +245,16 @@ async def test_input_faster_than_the_model_is_dropped_not_queued(server, speech_
     long_input = np.tile(speech_pcm, 2)[: SAMPLE_RATE * 10]
     result = await converse(chat_url(server.url), long_input, realtime=False, tail_seconds=1.0)
     after = status(server)
-    frames_in = len(long_input) // 1920
+    frames_sent = len(long_input) // 1920
     processed = after["frames_processed"] - before["frames_processed"]
     dropped = after["frames_dropped"] - before["frames_dropped"]
     assert dropped > 0, "a burst far beyond the budget must drop input"
-    assert processed + dropped == frames_in
+    # Every frame the server decoded was either stepped or dropped (sphn may still hold the
+    # last few undecoded when the client leaves).
+    ended = re.findall(r"(\d+) frames in, \d+ out, (\d+) dropped", server.log_text())[-1]
+    frames_in = int(ended[0])
+    assert processed + dropped == frames_in <= frames_sent
+    assert int(ended[1]) == dropped
     # Bounded latency: the server did not work through the whole backlog.
     assert processed < frames_in
     assert len(result.audio) / SAMPLE_RATE < 10
