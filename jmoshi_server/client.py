@@ -241,3 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     seconds_in, seconds_out = len(pcm) / SAMPLE_RATE, len(result.audio) / SAMPLE_RATE
     print(f"sent {seconds_in:.1f} s, received {seconds_out:.1f} s of audio", file=sys.stderr)
     return 1 if result.handshake_seconds is None else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,6 +20,7 @@ server's names or an IP address: a DNS-rebinding page has Origin == Host == its 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import html
@@ -124,11 +125,12 @@ class Guard:
             log.warning("[%s] chat refused: no valid token", peer)
             ws = web.WebSocketResponse()
             await ws.prepare(request)
-            await ws.send_bytes(
-                protocol.encode_error(
-                    ErrorCode.UNAUTHORIZED, "this server needs its access token; open the page again"
-                )
+            message = (
+                "this server needs its access token: type it on the page, or send it as "
+                "'Authorization: Bearer <token>' or ?token="
             )
+            with contextlib.suppress(ConnectionError, RuntimeError):  # the client may be gone
+                await ws.send_bytes(protocol.encode_error(ErrorCode.UNAUTHORIZED, message))
             await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"unauthorized")
             return ws
         log.info("[%s] %s %s refused: no valid token", peer, request.method, request.path)
