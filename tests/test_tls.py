@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import socket
 import ssl
@@ -18,6 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from jmoshi_server import tls
+from jmoshi_server.cli import announce
 from jmoshi_server.client import chat_url, client_ssl, converse
 from jmoshi_server.config import parse_config
 
@@ -125,24 +127,24 @@ def test_tls_healthcheck_follows_the_config(tls_server) -> None:
     assert wrong.returncode == 1
 
 
-def test_tls_cert_reused_on_restart(start_server, tls_server, tls_dir: Path) -> None:
+def test_tls_cert_reused_on_restart_and_auto_serves_https_on_the_lan(
+    start_server, tls_server, tls_dir: Path
+) -> None:
+    """Restarted on 0.0.0.0 with --tls auto (the container's setup): HTTPS, the same certificate."""
     before = served_fingerprint(tls_server.port)
     assert tls_server.stop() == 0
     again = start_server(
-        "--tls", "on", "--data-dir", str(tls_dir), "--public-hosts", "jmoshi.test,10.11.12.13", scheme="https"
+        "--host",
+        "0.0.0.0",
+        "--data-dir",
+        str(tls_dir),
+        "--public-hosts",
+        "jmoshi.test,10.11.12.13",
+        scheme="https",
     )
     assert served_fingerprint(again.port) == before
-    assert "kept from an earlier start" in again.log_text()
-
-
-def test_tls_auto_on_a_lan_address_serves_https(start_server, tmp_path: Path) -> None:
-    server = start_server("--host", "0.0.0.0", "--data-dir", str(tmp_path), scheme="https")
-    assert (tmp_path / "tls" / "cert.pem").is_file()
-    served_fingerprint(server.port)  # a TLS handshake succeeds
-    log = server.log_text()
-    assert "(https)" in log
-    if (address := primary_address()) is not None:
-        assert f"https://{address}:{server.port}/" in log
+    log = again.log_text()
+    assert "(https)" in log and "kept from an earlier start" in log
     assert "no --token" in log
 
 
@@ -150,14 +152,6 @@ def test_tls_auto_on_loopback_is_plain_http(server) -> None:
     with urllib.request.urlopen(server.url + "/readyz", timeout=5) as response:
         assert response.status == 200
     assert server.url.startswith("http://")
-
-
-def test_tls_off_on_a_lan_address_is_plain_http_and_warns(start_server, tmp_path: Path) -> None:
-    server = start_server("--host", "0.0.0.0", "--tls", "off", "--data-dir", str(tmp_path))
-    with urllib.request.urlopen(server.url + "/readyz", timeout=5) as response:
-        assert response.status == 200
-    assert not (tmp_path / "tls").exists()
-    assert "serving plain http" in server.log_text()
 
 
 # ---- the certificate store, without a server ------------------------------------------------
@@ -178,6 +172,27 @@ def test_tls_enabled_modes() -> None:
     assert on("--host", "192.168.1.20")
     assert on("--host", "127.0.0.1", "--tls", "on")
     assert not on("--host", "0.0.0.0", "--tls", "off")
+
+
+def test_tls_off_on_a_lan_address_is_plain_http_and_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = _config(tmp_path, "--host", "0.0.0.0", "--tls", "off")
+    assert tls.setup(config) is None
+    assert not (tmp_path / "tls").exists()
+    with caplog.at_level(logging.INFO, logger="jmoshi_server"):
+        announce(config, None)
+    assert "serving plain http" in caplog.text
+
+
+def test_tls_lan_urls_name_the_main_address(tmp_path: Path) -> None:
+    config = _config(tmp_path, "--host", "0.0.0.0")
+    address = primary_address()
+    if address is None:
+        pytest.skip("no network address besides loopback")
+    assert address in tls.advertised_hosts(config)
+    assert address in tls.certificate_names(config)
+    assert set(tls.required_hosts(config)) <= set(tls.certificate_names(config))
 
 
 def test_tls_certificate_renewed_for_a_new_address(tmp_path: Path) -> None:
