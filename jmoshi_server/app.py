@@ -16,7 +16,7 @@ from pathlib import Path
 
 from aiohttp import WSCloseCode, web
 
-from . import __version__, protocol
+from . import __version__, protocol, security
 from .checkpoint import CheckpointError, load_model
 from .config import Config
 from .engine import Engine
@@ -182,6 +182,7 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/api/status", api_status)
     app.router.add_get("/api/chat", chat)
+    security.setup(app, config)
     app.router.add_get("/", index)
     app.router.add_static("/", static_dir)
     app.cleanup_ctx.append(_engine_ctx)

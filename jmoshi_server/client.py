@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import ssl
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -101,6 +103,8 @@ class _Conversation:
     async def send(self, ws: aiohttp.ClientWebSocketResponse, pcm: np.ndarray, realtime: bool) -> None:
         t0 = time.monotonic()
         for index, page in enumerate(ogg_pages(pcm)):
+            if ws.closed:  # the server ended the session (a limit, an error): stop talking
+                return
             if self.first_sent is None:
                 self.first_sent = time.monotonic()
             if page:
@@ -125,17 +129,23 @@ async def converse(
     tail_seconds: float = 1.0,
     session: aiohttp.ClientSession | None = None,
     on_text: Callable[[str], None] | None = None,
+    token: str | None = None,
+    ssl_context: ssl.SSLContext | bool = True,
 ) -> ChatResult:
     """Stream ``pcm`` (24 kHz mono float32) to a chat URL and collect the answer.
 
     Waits for the handshake before sending (as the page does); on a refusal (busy, bad
-    parameter...) it sends nothing and returns the server's error.
+    parameter...) it sends nothing and returns the server's error. ``token`` is sent as a
+    Bearer header; ``ssl_context`` is aiohttp's ``ssl`` (False: do not check the certificate).
     """
     chat = _Conversation(on_text)
     own_session = session is None
     session = session or aiohttp.ClientSession()
+    headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
-        async with session.ws_connect(url, heartbeat=10, max_msg_size=0) as ws:
+        async with session.ws_connect(
+            url, heartbeat=10, max_msg_size=0, headers=headers, ssl=ssl_context
+        ) as ws:
             receiver = asyncio.create_task(chat.receive(ws))
             while chat.result.handshake_seconds is None and not receiver.done():
                 await asyncio.sleep(0.01)
@@ -155,9 +165,38 @@ def read_audio(path: str) -> np.ndarray:
     return data.mean(axis=0).astype(np.float32) if data.ndim == 2 else data.astype(np.float32)
 
 
+def client_ssl(insecure: bool, cafile: str | None) -> ssl.SSLContext | bool:
+    """What to trust: the system's CAs, one file (the server's self-signed cert), or nothing."""
+    if insecure:
+        return False
+    if cafile:
+        return ssl.create_default_context(cafile=cafile)
+    return True
+
+
+def _explain(exc: Exception, url: str) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return (
+            f"{url}: the server's certificate is not trusted ({exc.certificate_error}). For the "
+            "self-signed one, pass --cafile <data dir>/tls/cert.pem (or --insecure after checking "
+            "the fingerprint the server logs)"
+        )
+    if isinstance(exc, aiohttp.WSServerHandshakeError):
+        hint = {401: " (pass --token)", 403: " (this origin is not allowed)"}.get(exc.status, "")
+        return f"{url}: the server refused the connection: HTTP {exc.status}{hint}"
+    return f"{url}: cannot connect: {exc}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jmoshi-client", description=__doc__.splitlines()[0])
-    parser.add_argument("url", help="server URL, e.g. http://127.0.0.1:8998")
+    parser.add_argument("url", help="server URL, e.g. http://127.0.0.1:8998 or https://192.168.1.20:8998")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("JMOSHI_TOKEN") or None,
+        help="the server's --token [env JMOSHI_TOKEN]",
+    )
+    parser.add_argument("--cafile", help="trust this certificate (PEM), e.g. the server's tls/cert.pem")
+    parser.add_argument("--insecure", action="store_true", help="do not check the server's certificate")
     parser.add_argument("--input", required=True, help="audio file to say (any rate; WAV, MP3, ...)")
     parser.add_argument("--output", help="write the model's audio here (WAV, 24 kHz)")
     parser.add_argument("--fast", action="store_true", help="send as fast as possible, not in real time")
@@ -180,7 +219,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     def show(piece: str) -> None:
         print(piece, end="", flush=True)
 
-    result = asyncio.run(converse(url, pcm, realtime=not args.fast, on_text=show))
+    try:
+        result = asyncio.run(
+            converse(
+                url,
+                pcm,
+                realtime=not args.fast,
+                on_text=show,
+                token=args.token,
+                ssl_context=client_ssl(args.insecure, args.cafile),
+            )
+        )
+    except (aiohttp.ClientError, OSError) as exc:
+        print(_explain(exc, url), file=sys.stderr)
+        return 1
     print()
     for error in result.errors:
         print(f"server error {error.get('code')}: {error.get('message')}", file=sys.stderr)

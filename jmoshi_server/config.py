@@ -61,10 +61,44 @@ class Config:
     )
     max_message_bytes: int = _opt("Largest WebSocket message accepted.", 1 << 20)
     max_session_seconds: int = _opt("End a session after this long (0 = unlimited).", 600)
+    idle_seconds: int = _opt(
+        "End a session when no audio has arrived for this long, freeing the model (0 = never).", 60
+    )
     heartbeat_seconds: float = _opt(
         "WebSocket ping interval; a client silent for half of it is dropped.", 5.0
     )
     static_dir: Path | None = _opt("Directory served at / (default: the bundled page).")
+    data_dir: Path | None = _opt(
+        "Where the server keeps its own files, e.g. the generated TLS certificate "
+        "(default: ~/.local/share/jmoshi-server)."
+    )
+    tls: str = _opt(
+        "HTTPS: auto = on unless --host is a loopback address; off behind a TLS proxy. Browsers "
+        "give the microphone only to https pages (and http://localhost).",
+        "auto",
+        choices=("auto", "on", "off"),
+    )
+    tls_cert: Path | None = _opt(
+        "Certificate (PEM, full chain) to serve instead of the generated self-signed one, e.g. from mkcert."
+    )
+    tls_key: Path | None = _opt("Private key (PEM) for --tls-cert.")
+    public_hosts: str | None = _opt(
+        "Comma-separated names or addresses people open (e.g. 192.168.1.20,gpu-box.local): added to "
+        "the generated certificate and the printed URLs. Needed in a container, which cannot see "
+        "the host's addresses."
+    )
+    token: str | None = field(
+        default=None,
+        repr=False,
+        metadata={
+            "help": "Require this shared secret on every request (Bearer header, the cookie the page "
+            "sets after it is typed once, or ?token=); unset = anyone who can reach the port."
+        },
+    )
+    allowed_origins: str | None = _opt(
+        "Comma-separated extra origins (scheme://host[:port]) whose pages may open the chat socket; "
+        "the server's own origin is always allowed."
+    )
     log_level: str = _opt("Log level.", "info", choices=("debug", "info", "warning", "error"))
 
     @property
@@ -78,9 +112,28 @@ class Config:
         return "float32" if self.resolved_device == "cpu" else "bfloat16"
 
     @property
+    def resolved_data_dir(self) -> Path:
+        if self.data_dir:
+            return self.data_dir
+        base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+        return base / "jmoshi-server"
+
+    @property
+    def public_host_list(self) -> list[str]:
+        return _split_list(self.public_hosts)
+
+    @property
+    def allowed_origin_list(self) -> list[str]:
+        return [origin.rstrip("/").lower() for origin in _split_list(self.allowed_origins)]
+
+    @property
     def frame_budget(self) -> int:
         """Input frames (80 ms each) that may wait for the model before the oldest is dropped."""
         return max(1, round(self.input_budget_ms / 80))
+
+
+def _split_list(raw: str | None) -> list[str]:
+    return [item.strip() for item in (raw or "").split(",") if item.strip()]
 
 
 def flag_name(name: str) -> str:
@@ -124,7 +177,8 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     for f in dataclasses.fields(Config):
         default = f.default
         var = env_name(f.name)
-        if var in env:
+        # An empty value (``JMOSHI_TOKEN=`` in an env file) means "not set", as in compose files.
+        if env.get(var, "") != "":
             try:
                 default = _convert(f, env[var])
             except ValueError as exc:
@@ -150,9 +204,39 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     return parser
 
 
+def _choice_problems(config: Config) -> list[str]:
+    """argparse checks choices on the command line only, not on defaults taken from JMOSHI_*."""
+    problems = []
+    for f in dataclasses.fields(Config):
+        choices = f.metadata.get("choices")
+        value = getattr(config, f.name)
+        if choices and value is not None and value not in choices:
+            problems.append(f"{flag_name(f.name)} {value!r}: choose from {', '.join(choices)}")
+    return problems
+
+
+def _access_problems(config: Config) -> list[str]:
+    """HTTPS, token and origin settings."""
+    problems = []
+    if bool(config.tls_cert) != bool(config.tls_key):
+        problems.append("--tls-cert and --tls-key go together")
+    if config.tls_cert and config.tls == "off":
+        problems.append("--tls-cert was given with --tls off")
+    for path in (config.tls_cert, config.tls_key):
+        if path and not path.is_file():
+            problems.append(f"{path} does not exist")
+    if config.token is not None and not config.token.strip():
+        problems.append("--token must not be blank")
+    for origin in config.allowed_origin_list:
+        scheme, sep, rest = origin.partition("://")
+        if scheme not in ("http", "https") or not sep or not rest or "/" in rest:
+            problems.append(f"--allowed-origins: {origin!r} is not scheme://host[:port]")
+    return problems
+
+
 def validate(config: Config) -> list[str]:
     """Human-readable problems with a config (empty when it is usable)."""
-    problems = []
+    problems = [*_choice_problems(config), *_access_problems(config)]
     if not 0 < config.port < 65536:
         problems.append(f"--port {config.port} is not a TCP port")
     if config.demo and config.model_dir:
@@ -163,6 +247,8 @@ def validate(config: Config) -> list[str]:
         problems.append("--input-budget-ms must be at least one frame (80)")
     if config.max_session_seconds < 0:
         problems.append("--max-session-seconds must be >= 0")
+    if config.idle_seconds < 0:
+        problems.append("--idle-seconds must be >= 0")
     if config.heartbeat_seconds <= 0:
         problems.append("--heartbeat-seconds must be > 0")
     if config.text_temperature < 0 or config.audio_temperature < 0:

@@ -39,6 +39,8 @@ class ErrorCode(enum.StrEnum):
     TEXT_FRAME = "text_frame"
     MESSAGE_TOO_LARGE = "message_too_large"
     SESSION_LIMIT = "session_limit"
+    IDLE_TIMEOUT = "idle_timeout"
+    UNAUTHORIZED = "unauthorized"
     SLOW_CONSUMER = "slow_consumer"
     NOT_READY = "not_ready"
     INTERNAL = "internal_error"

@@ -84,6 +84,7 @@ class ChatSession:
         self.engine_done = asyncio.Event()
         self.ending: Ending | None = None
         self.frames_out = 0
+        self.last_audio = 0.0  # loop time of the last audio message (the handshake at first)
         self._warned: set[ErrorCode] = set()
         self.claim: EngineSession | None = None
 
@@ -158,6 +159,7 @@ class ChatSession:
         await self.ws.send_bytes(protocol.encode(Kind.HANDSHAKE))
         await self.ws.send_bytes(protocol.encode_json(Kind.METADATA, self._metadata()))
         self.log.info("session started (seed %d, %s)", claim.seed, claim.sampling)
+        self.last_audio = asyncio.get_running_loop().time()
         # The session ends when the client stops, the sender stops, or the model thread is
         # done with it (an error, or a client too slow to read), whichever comes first.
         tasks = {
@@ -165,6 +167,8 @@ class ChatSession:
             asyncio.create_task(self._send_loop()),
             asyncio.create_task(self.engine_done.wait()),
         }
+        if self.config.idle_seconds:
+            tasks.add(asyncio.create_task(self._idle_watch()))
         limit = self.config.max_session_seconds or None
         done, _ = await asyncio.wait(tasks, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
         if not done:
@@ -188,6 +192,7 @@ class ChatSession:
             "sample_rate": 24000,
             "frame_rate": 12.5,
             "max_session_seconds": self.config.max_session_seconds,
+            "idle_seconds": self.config.idle_seconds,
             "input_budget_ms": self.config.input_budget_ms,
         }
 
@@ -246,6 +251,7 @@ class ChatSession:
             return True
         kind, payload = data[0], data[1:]
         if kind == Kind.AUDIO:
+            self.last_audio = asyncio.get_running_loop().time()
             try:
                 frames = self.decoder.feed(payload)
             except BadAudio as exc:
@@ -258,6 +264,18 @@ class ChatSession:
             return True
         await self._complain(ErrorCode.UNKNOWN_KIND, f"unknown message kind 0x{kind:02x}")
         return True
+
+    async def _idle_watch(self) -> None:
+        """End the session once no audio has arrived for --idle-seconds (a closed laptop lid,
+        a phone that put the tab to sleep): the model is the one thing users wait for."""
+        loop = asyncio.get_running_loop()
+        limit = self.config.idle_seconds
+        while (left := self.last_audio + limit - loop.time()) > 0:
+            await asyncio.sleep(left)
+        self._end(
+            ErrorCode.IDLE_TIMEOUT,
+            f"no audio arrived for {limit} s, so the session was ended to free the model; start a new one",
+        )
 
     async def _complain(self, code: ErrorCode, message: str) -> None:
         """A recoverable protocol mistake: tell the client, log it once per session."""
@@ -302,7 +320,11 @@ async def refuse_chat(
 async def handle_chat(
     request: web.Request, engine: Engine, config: Config, sockets: set[web.WebSocketResponse]
 ) -> web.WebSocketResponse:
-    ws = ChatSocket(heartbeat=config.heartbeat_seconds, max_msg_size=config.max_message_bytes)
+    # autoclose off: the client's close is answered by _finish, after the model is free, so a
+    # client that reconnects as soon as its close completes never finds the model busy.
+    ws = ChatSocket(
+        heartbeat=config.heartbeat_seconds, max_msg_size=config.max_message_bytes, autoclose=False
+    )
     await ws.prepare(request)
     sockets.add(ws)
     session = ChatSession(request, ws, engine, config)

@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -32,25 +33,36 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``python -m jmoshi_server --demo`` on a free port, as a user would run it."""
+    """``python -m jmoshi_server --demo`` on a free port, as a user would run it.
 
-    def __init__(self, demo_dir: Path | None, log_path: Path, *args: str, env: dict | None = None) -> None:
+    ``scheme="https"`` for a server that serves TLS (readiness is polled without checking the
+    certificate). Its data dir (the generated certificate) is a temporary one unless the
+    arguments or ``env`` name another. ``demo_dir=None`` serves whatever the arguments name.
+    """
+
+    def __init__(
+        self, demo_dir: Path | None, log_path: Path, *args: str, env: dict | None = None, scheme: str = "http"
+    ) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.log_path = log_path
         model = ["--demo", "--demo-dir", str(demo_dir)] if demo_dir else []
         cmd = [sys.executable, "-m", "jmoshi_server", *model, "--port", str(self.port), *args]
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        data_dir = str(log_path.with_suffix(".data"))
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "JMOSHI_DATA_DIR": data_dir, **(env or {})}
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=REPO)
 
     def wait_ready(self, timeout: float = 90.0) -> ServerProcess:
         deadline = time.monotonic() + timeout
+        unchecked = ssl.create_default_context()
+        unchecked.check_hostname = False
+        unchecked.verify_mode = ssl.CERT_NONE
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_text()}")
             try:
-                with urllib.request.urlopen(self.url + "/readyz", timeout=2) as resp:
+                with urllib.request.urlopen(self.url + "/readyz", timeout=2, context=unchecked) as resp:
                     if resp.status == 200:
                         return self
             except (urllib.error.URLError, ConnectionError, TimeoutError):
@@ -88,13 +100,18 @@ def start_server(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     started: list[ServerProcess] = []
     logs = tmp_path_factory.mktemp("logs")
 
-    def start(*args: str, env: dict | None = None, wait: bool = True, demo: bool = True) -> ServerProcess:
+    def start(
+        *args: str, env: dict | None = None, wait: bool = True, demo: bool = True, scheme: str = "http"
+    ) -> ServerProcess:
         log = logs / f"server-{len(started)}.log"
-        server = ServerProcess(demo_dir if demo else None, log, *args, env=env)
+        server = ServerProcess(demo_dir if demo else None, log, *args, env=env, scheme=scheme)
         started.append(server)
         return server.wait_ready() if wait else server
 
     yield start
+    for server in started:  # signal all first: they shut down in parallel
+        if server.proc.poll() is None:
+            server.proc.send_signal(signal.SIGTERM)
     for server in started:
         server.stop()
 

@@ -249,11 +249,12 @@ async def test_input_faster_than_the_model_is_dropped_not_queued(server, speech_
     processed = after["frames_processed"] - before["frames_processed"]
     dropped = after["frames_dropped"] - before["frames_dropped"]
     assert dropped > 0, "a burst far beyond the budget must drop input"
-    # Every frame the server decoded was either stepped or dropped (sphn may still hold the
-    # last few undecoded when the client leaves).
+    # Every frame the server decoded was stepped, dropped, or still queued (at most the
+    # budget) when the client left; sphn may hold the last few undecoded.
     ended = re.findall(r"(\d+) frames in, \d+ out, (\d+) dropped", server.log_text())[-1]
     frames_in = int(ended[0])
-    assert processed + dropped == frames_in <= frames_sent
+    budget_frames = round(1500 / 80)  # the shared server's --input-budget-ms
+    assert processed + dropped <= frames_in <= min(frames_sent, processed + dropped + budget_frames)
     assert int(ended[1]) == dropped
     # Bounded latency: the server did not work through the whole backlog.
     assert processed < frames_in

@@ -19,9 +19,22 @@ def test_chat_url_from_http_and_ws_bases():
 def test_client_cli_writes_the_reply(server, speech_wav, tmp_path):
     out = tmp_path / "reply.wav"
     run = subprocess.run(
-        [sys.executable, "-m", "jmoshi_server.client", server.url, "--input", str(speech_wav),
-         "--output", str(out), "--seed", "1"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "jmoshi_server.client",
+            server.url,
+            "--input",
+            str(speech_wav),
+            "--output",
+            str(out),
+            "--seed",
+            "1",
+        ],
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=120,
     )
     assert run.returncode == 0, run.stderr
     reply, rate = sphn.read(str(out))
@@ -34,9 +47,20 @@ def test_client_cli_writes_the_reply(server, speech_wav, tmp_path):
 
 def test_client_cli_reports_a_refusal(server, speech_wav):
     run = subprocess.run(
-        [sys.executable, "-m", "jmoshi_server.client", server.url, "--input", str(speech_wav),
-         "--text-topk", "0"],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "jmoshi_server.client",
+            server.url,
+            "--input",
+            str(speech_wav),
+            "--text-topk",
+            "0",
+        ],
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=60,
     )
     assert run.returncode == 1
     assert "bad_parameter" in run.stderr
