@@ -67,6 +67,9 @@ const debug = {
   get audioState() {
     return audio.ctx?.state ?? null;
   },
+  get levels() {
+    return audio.levels();
+  },
   get sampleRate() {
     return audio.ctx?.sampleRate ?? null;
   },
