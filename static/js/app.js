@@ -260,6 +260,7 @@ async function onStart() {
     return;
   }
   clearTimer();
+  if (transcript.lineCount > 0) transcript.note(t("transcript.newConversation"));
   setState("connecting");
   keepAwake();
   const attempt = ++attemptId;

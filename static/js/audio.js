@@ -101,6 +101,7 @@ export class AudioIO {
     if (this.stream) for (const track of this.stream.getTracks()) track.stop();
     this.stream = null;
     this.micSource = null;
+    if (navigator.audioSession) navigator.audioSession.type = "auto";
   }
 
   /** Decoder worker and jitter buffer for one session. */

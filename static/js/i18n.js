@@ -20,6 +20,7 @@ const MESSAGES = {
     "transcript.title": "J-Moshi の発話",
     "transcript.empty": "J-Moshi の言葉がここに表示されます。",
     "transcript.reconnected": "（再接続しました）",
+    "transcript.newConversation": "― 新しい会話 ―",
     "settings.title": "設定",
     "settings.hint":
       "空欄ならサーバーの既定値を使います。温度を上げると応答が多様に、下げると安定します。" +
@@ -140,6 +141,7 @@ const MESSAGES = {
     "transcript.title": "What J-Moshi says",
     "transcript.empty": "J-Moshi's words will appear here.",
     "transcript.reconnected": "(reconnected)",
+    "transcript.newConversation": "— new conversation —",
     "settings.title": "Settings",
     "settings.hint":
       "Leave a field empty to use the server's default. Higher temperatures give more varied answers, " +

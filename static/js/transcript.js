@@ -50,6 +50,8 @@ export class Transcript {
 
   /** A visible note between lines (e.g. "reconnected"); the next text starts a new line. */
   note(text) {
+    const last = this.element.lastElementChild;
+    if (last?.classList.contains("note") && last.textContent === text) return; // no repeats
     const follow = this.isFollowing();
     this.addLine("note").textContent = text;
     this.line = null;
