@@ -93,6 +93,7 @@ function setState(state, vars = {}, actions = []) {
 }
 
 let renderedState = null;
+let renderedActions = null; // rebuilt only when they change, so a countdown keeps keyboard focus
 
 function render() {
   const { state, vars, actions } = view;
@@ -109,7 +110,11 @@ function render() {
       .filter(Boolean)
       .map((line) => Object.assign(document.createElement("p"), { textContent: line })),
   );
-  $("status-actions").replaceChildren(...actions.map(makeAction));
+  // A countdown passes the same actions array on every tick: same array, same buttons.
+  if (actions !== renderedActions?.actions || language() !== renderedActions.language) {
+    $("status-actions").replaceChildren(...actions.map(makeAction));
+    renderedActions = { actions, language: language() };
+  }
   const focused = document.activeElement;
   $("start").disabled = ACTIVE.has(state) || BLOCKED.has(state);
   $("stop").disabled = !ACTIVE.has(state);
