@@ -8,9 +8,10 @@
 import { AudioIO, MicError } from "./audio.js";
 import { applyLanguage, language, LANGUAGES, pickLanguage, t } from "./i18n.js";
 import { audioMessage, chatUrl, decodeJson, decodeText, httpUrl, KIND, parseMessage } from "./protocol.js";
-import { checkField, clearSettings, FIELDS, loadSettings, saveSettings, toQuery } from "./settings.js";
+import { SettingsForm } from "./settings-form.js";
 import { estimateLatencyMs, FRAME_MS, StatsView } from "./stats.js";
 import { Transcript } from "./transcript.js";
+import { ScreenWakeLock } from "./wakelock.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -26,25 +27,20 @@ const STATS_RENDER_MS = 250;
 const ACTIVE = new Set(["connecting", "waiting", "talking", "busy", "reconnecting"]);
 // States in which Start cannot work yet.
 const BLOCKED = new Set(["checking", "loading", "failed", "unreachable", "insecure", "nomicapi"]);
-// The title of "reconnecting" depends on whether the person had been talking.
-const TITLE_KEYS = { reconnecting: "state.reconnecting.title" };
 
 const audio = new AudioIO();
 const transcript = new Transcript($("transcript"));
 const statsView = new StatsView();
-
-let settings = loadSettings();
+const settings = new SettingsForm();
+const wakeLock = new ScreenWakeLock();
 let view = { state: "checking", vars: {}, actions: [] };
 let session = null; // the current Session, or null
 let timer = null; // the one pending retry / countdown / poll
-let wakeLock = null;
 let serverStatus = null;
 let serverDroppedBase = null;
 let reconnectAttempt = 0;
 let attemptId = 0; // bumped by Stop, so a microphone prompt answered after Stop connects nothing
 let headphonesSeen = storedItem("jmoshi.headphones") === "seen";
-let savedNote = false; // show "saved" under the settings (kept across language switches)
-const serverDefaults = {}; // learned from metadata of sessions that left a field empty
 
 // What tests (and a curious person with the console) can read.
 const debug = {
@@ -102,7 +98,7 @@ function render() {
   box.setAttribute("aria-live", state === renderedState ? "off" : "polite");
   renderedState = state;
   box.dataset.state = state;
-  $("status-title").textContent = t(TITLE_KEYS[state] ?? `state.${state}.title`, vars);
+  $("status-title").textContent = t(`state.${state}.title`, vars);
   const body = t(`state.${state}.body`, vars);
   $("status-body").replaceChildren(
     ...body
@@ -258,16 +254,11 @@ async function onStart() {
   const resumed = audio.ensureContext();
   hideHeadphones();
   reconnectAttempt = 0;
-  const { errors } = toQuery(settings);
-  if (showFieldErrors(errors)) {
-    $("settings").open = true;
-    document.querySelector(".field-error:not(:empty)")?.previousElementSibling.querySelector("input").focus();
-    return;
-  }
+  if (!settings.validate()) return;
   clearTimer();
   if (transcript.lineCount > 0) transcript.note(t("transcript.newConversation"));
   setState("connecting");
-  keepAwake();
+  wakeLock.acquire();
   const attempt = ++attemptId;
   try {
     await resumed;
@@ -293,7 +284,7 @@ async function onStart() {
 function connect() {
   clearTimer();
   if (session) session.close();
-  const { params } = toQuery(settings);
+  const { params } = settings.query();
   const current = new Session(chatUrl(params));
   current.params = params;
   session = current;
@@ -344,7 +335,7 @@ function onMessage(current, data) {
       break;
     case KIND.METADATA:
       debug.metadata = decodeJson(payload);
-      learnServerDefaults(debug.metadata, current.params);
+      settings.learnServerDefaults(debug.metadata, current.params);
       break;
     case KIND.AUDIO:
       debug.counters.audioMessages += 1;
@@ -431,7 +422,7 @@ function endConversation() {
   audio.stopPlayback();
   audio.closeMic();
   audio.suspend();
-  releaseWakeLock();
+  wakeLock.release();
 }
 
 function busyWait(sessionSeconds) {
@@ -531,95 +522,15 @@ function currentStats() {
   };
 }
 
-// ---- wake lock ---------------------------------------------------------------------------
-
-async function keepAwake() {
-  if (wakeLock || !navigator.wakeLock) return;
-  try {
-    wakeLock = await navigator.wakeLock.request("screen");
-    wakeLock.addEventListener("release", () => {
-      wakeLock = null;
-    });
-  } catch {
-    // refused (battery saver, hidden page): the conversation works anyway
-  }
-}
-
-function releaseWakeLock() {
-  wakeLock?.release().catch(() => {});
-  wakeLock = null;
-}
+// ---- phones: screen and audio after the page was hidden ----------------------------------
 
 document.addEventListener("visibilitychange", () => {
   // The browser drops the lock when the page is hidden and phones may pause audio: take both back.
   if (document.visibilityState === "visible" && ACTIVE.has(view.state)) {
-    keepAwake();
+    wakeLock.acquire();
     audio.ctx?.resume().catch(() => {});
   }
 });
-
-// ---- settings ----------------------------------------------------------------------------
-
-function fillSettingsForm() {
-  for (const field of FIELDS) $(`set-${field.name}`).value = settings[field.name];
-}
-
-/** Show "default (0.7)" once a session told us what the server's default is. */
-function learnServerDefaults(metadata, params) {
-  for (const field of FIELDS) {
-    const value = metadata?.sampling?.[field.name];
-    if (field.name !== "seed" && !(field.name in params) && value != null) serverDefaults[field.name] = value;
-  }
-  renderPlaceholders();
-}
-
-function renderPlaceholders() {
-  for (const field of FIELDS) {
-    if (field.name === "seed") continue;
-    const known = serverDefaults[field.name];
-    $(`set-${field.name}`).placeholder =
-      known == null ? t("settings.default") : `${t("settings.default")} (${known})`;
-  }
-}
-
-function showFieldErrors(errors) {
-  let any = false;
-  for (const field of FIELDS) {
-    const key = errors[field.name];
-    const input = $(`set-${field.name}`);
-    $(`err-${field.name}`).textContent = key ? t(`settings.${key}`, { min: field.min, max: field.max }) : "";
-    input.setAttribute("aria-invalid", key ? "true" : "false");
-    any ||= Boolean(key);
-  }
-  return any;
-}
-
-function setupSettings() {
-  fillSettingsForm();
-  $("settings-form").addEventListener("input", (event) => {
-    const field = FIELDS.find((f) => f.name === event.target.name);
-    if (!field) return;
-    settings = { ...settings, [field.name]: event.target.value };
-    saveSettings(settings);
-    const error = checkField(field, event.target.value);
-    showFieldErrors({ ...toQuery(settings).errors, [field.name]: error });
-    savedNote = true;
-    renderSavedNote();
-  });
-  $("settings-form").addEventListener("submit", (event) => event.preventDefault());
-  $("settings-reset").addEventListener("click", () => {
-    clearSettings();
-    settings = loadSettings();
-    fillSettingsForm();
-    showFieldErrors({});
-    savedNote = false;
-    renderSavedNote();
-  });
-}
-
-function renderSavedNote() {
-  $("settings-saved").textContent = savedNote ? t("settings.saved") : "";
-}
 
 // ---- language, stats toggle, headphones --------------------------------------------------
 
@@ -643,9 +554,7 @@ function setLanguage(lang) {
   applyLanguage(lang);
   for (const code of LANGUAGES) $(`lang-${code}`).setAttribute("aria-pressed", String(code === lang));
   renderStatsToggle();
-  renderPlaceholders();
-  renderSavedNote();
-  showFieldErrors(toQuery(settings).errors);
+  settings.renderLanguage();
   if (!$("stats").hidden) statsView.render(currentStats());
   render();
 }
@@ -699,7 +608,6 @@ setInterval(() => {
 // ---- start-up ----------------------------------------------------------------------------
 
 setLanguage(pickLanguage(storedItem("jmoshi.lang"), navigator.language));
-setupSettings();
 setupToggles();
 renderStatsToggle();
 $("start").addEventListener("click", onStart);
