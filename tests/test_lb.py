@@ -41,6 +41,8 @@ except ImportError:  # pragma: no cover - a broken dev environment, not a skip
 
 ARTIFACTS = REPO / "test-artifacts"
 GPUS = 3
+# A generous input budget: a busy CI machine delays audio rather than dropping it.
+SERVER_ARGS = ("--input-budget-ms", "1500")
 NUMBERS: dict[str, Any] = {}
 
 
@@ -167,13 +169,27 @@ class Balancer:
         self._log.close()
 
 
+def wait_listening(server: ServerProcess, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"server exited with {server.proc.returncode}:\n{server.log_text()}")
+        try:
+            with urllib.request.urlopen(server.url + "/healthz", timeout=2):
+                return
+        except OSError:
+            assert time.monotonic() < deadline, f"server not listening after {timeout} s"
+            time.sleep(0.05)
+
+
 @pytest.fixture(scope="module")
 def lb(start_server, tmp_path_factory: pytest.TempPathFactory):
     haproxy_path()
-    servers = {
-        generate.service_name(i): start_server("--input-budget-ms", "1500", wait=False) for i in range(GPUS)
-    }
-    # HAProxy starts while the servers still load their models, as after `docker compose up`.
+    servers = {generate.service_name(i): start_server(*SERVER_ARGS, wait=False) for i in range(GPUS)}
+    # HAProxy starts while the servers still load their models, as after `docker compose up`:
+    # once they listen (HAProxy counts servers as up until checks say otherwise), not ready.
+    for server in servers.values():
+        wait_listening(server)
     balancer = Balancer(servers, tmp_path_factory.mktemp("lb"))
     balancer.loading = balancer.watch_loading()
     for server in servers.values():
