@@ -54,6 +54,11 @@ class ServerState:
         engine = self.engine
         return engine is not None and engine.ready.is_set() and not engine.failure
 
+    @property
+    def problem(self) -> str | None:
+        """Why the server cannot serve: a load failure, or a model that broke after it was ready."""
+        return self.failure or (self.engine.failure if self.engine is not None else None)
+
 
 STATE = web.AppKey("state", ServerState)
 STATIC_DIR = web.AppKey("static_dir", Path)
@@ -112,11 +117,12 @@ async def readyz(request: web.Request) -> web.Response:
     state = request.app[STATE]
     if state.ready:
         return web.json_response({"ready": True})
-    reason = state.failure or {
+    phase = "failed" if state.problem else state.phase
+    reason = state.problem or {
         "loading": "loading the model (the first start downloads it)",
         "warming_up": "warming up the model",
-    }.get(state.phase, state.phase)
-    return web.json_response({"ready": False, "phase": state.phase, "reason": reason}, status=503)
+    }.get(phase, phase)
+    return web.json_response({"ready": False, "phase": phase, "reason": reason}, status=503)
 
 
 def _p50(values: list[float]) -> float | None:
@@ -133,8 +139,8 @@ async def api_status(request: web.Request) -> web.Response:
         "uptime_seconds": round(time.monotonic() - state.started_at, 1),
         "model": None,
     }
-    if state.failure:
-        body["failure"] = state.failure
+    if state.problem:
+        body["failure"] = state.problem
     if engine is not None:
         model = engine.model
         current = engine.current
@@ -163,7 +169,7 @@ async def api_status(request: web.Request) -> web.Response:
 async def chat(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     if not state.ready:
-        reason = state.failure or "the model is still loading; try again shortly"
+        reason = state.problem or "the model is still loading; try again shortly"
         return await refuse_chat(request, state.config, ErrorCode.NOT_READY, reason)
     assert state.engine is not None
     return await handle_chat(request, state.engine, state.config, state.sockets)
