@@ -14,14 +14,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aiohttp import WSCloseCode, web
+from aiohttp import web
 
-from . import __version__, protocol
+from . import __version__
 from .checkpoint import CheckpointError, load_model
 from .config import Config
 from .engine import Engine
 from .protocol import ErrorCode, Sampling
-from .session import handle_chat, refuse_chat
+from .session import handle_chat, refuse_chat, shut_down_socket
 
 log = logging.getLogger(__name__)
 
@@ -95,15 +95,9 @@ async def _engine_ctx(app: web.Application):
 
 
 async def _close_sockets(app: web.Application) -> None:
-    """On shutdown, tell connected users and close their sockets."""
-    for ws in list(app[STATE].sockets):
-        if not ws.closed:
-            await ws.send_bytes(
-                protocol.encode_error(
-                    ErrorCode.SHUTTING_DOWN, "the server is shutting down; try again in a moment"
-                )
-            )
-            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+    """On shutdown, end each chat the normal way: the user is told (0x05 shutting_down), its
+    recording is finished and the model freed; every step is bounded (see session.py)."""
+    await asyncio.gather(*(shut_down_socket(ws) for ws in list(app[STATE].sockets)))
 
 
 # ---- handlers --------------------------------------------------------------------------
