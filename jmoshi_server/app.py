@@ -16,7 +16,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import __version__
+from . import __version__, recordings
 from .checkpoint import CheckpointError, load_model
 from .config import Config
 from .engine import Engine
@@ -183,6 +183,7 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/api/status", api_status)
     app.router.add_get("/api/chat", chat)
     app.router.add_get("/", index)
+    recordings.setup(app, config)  # before the static catch-all
     app.router.add_static("/", static_dir)
     app.cleanup_ctx.append(_engine_ctx)
     app.on_shutdown.append(_close_sockets)

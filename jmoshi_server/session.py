@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from . import protocol
+from . import protocol, recordings
 from .audio import BadAudio, OpusEncoder, OpusFrameDecoder
 from .config import Config
 from .engine import Engine, EngineSession, FrameResult, SessionEnd
@@ -94,6 +94,7 @@ class ChatSession:
         self._warned: set[ErrorCode] = set()
         self.claim: EngineSession | None = None
         self.request = request
+        self.recording = recordings.SessionRecording()
         self.send_lag = SendLag(request.transport)
         self._stop = asyncio.Event()  # set by shut_down()
         self.finished = asyncio.Event()
@@ -146,6 +147,7 @@ class ChatSession:
 
     def _on_result(self, item: FrameResult | SessionEnd) -> None:
         """Runs on the event loop for every item the model thread posts."""
+        self.recording.on_result(item)  # what the model did, even if the client is too slow
         if isinstance(item, SessionEnd):
             if item.error:
                 self._end(ErrorCode.INTERNAL, item.error, WSCloseCode.INTERNAL_ERROR)
@@ -162,6 +164,7 @@ class ChatSession:
     async def run(self, query: dict[str, str]) -> None:
         try:
             sampling = protocol.parse_sampling(query, Sampling.defaults(self.config))
+            record = recordings.wants_recording(query)
         except ParameterError as exc:
             await self.refuse(ErrorCode.BAD_PARAMETER, str(exc), WSCloseCode.POLICY_VIOLATION)
             return
@@ -177,6 +180,7 @@ class ChatSession:
                 session_seconds=age,
             )
             return
+        self.recording = recordings.SessionRecording.for_request(self.request, record)
         try:
             await self._converse()
         except ConnectionError as exc:  # the client left while we were talking to it
@@ -194,6 +198,7 @@ class ChatSession:
             return
         if self._stop.is_set():
             return
+        await self.recording.start(Detokenizer(self.engine.model.tokenizer), self._record_header(), self.log)
         await self._send(protocol.encode(Kind.HANDSHAKE))
         await self._send(protocol.encode_json(Kind.METADATA, self._metadata()))
         self.log.info("session started (seed %d, %s)", claim.seed, claim.sampling)
@@ -229,6 +234,17 @@ class ChatSession:
             "frame_rate": 12.5,
             "max_session_seconds": self.config.max_session_seconds,
             "input_budget_ms": self.config.input_budget_ms,
+            **self.recording.metadata(),
+        }
+
+    def _record_header(self) -> dict:
+        """What a recording's transcript says about the session it comes from."""
+        claim = self.claim
+        assert claim is not None
+        return {
+            "session": f"s{self.id}",
+            "model": self.engine.model.source,
+            "sampling": {**claim.sampling.to_json(), "seed": claim.seed},
         }
 
     async def _finish(self) -> None:
@@ -238,6 +254,7 @@ class ChatSession:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.engine_done.wait(), ENGINE_RELEASE_TIMEOUT_S)
         ending = self.ending or Ending(None, "normal")
+        await self.recording.finish(str(ending.code or "normal"), ending.message)
         if ending.code is not None and not self.ws.closed:
             await self._send_error(ending.code, ending.message)
         claim = self.claim
@@ -292,7 +309,7 @@ class ChatSession:
                 self._end(ErrorCode.BAD_AUDIO, str(exc), WSCloseCode.UNSUPPORTED_DATA)
                 return False
             for frame in frames:
-                self.claim.push(frame)  # type: ignore[union-attr]
+                self.recording.on_dropped(self.claim.push(frame))  # type: ignore[union-attr]
             return True
         if kind in protocol.IGNORED_CLIENT_KINDS:
             return True
