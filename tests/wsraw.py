@@ -116,7 +116,7 @@ class RawWS:
         """Vanish: RST, no close frame."""
         transport = self.writer.transport
         sock = transport.get_extra_info("socket")
-        if sock is not None:
+        if sock is not None and not transport.is_closing():
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         transport.abort()
 
