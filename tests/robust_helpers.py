@@ -20,12 +20,14 @@ FRAME = 1920
 
 
 def get(url: str, timeout: float = 5.0) -> tuple[int, bytes, dict]:
-    """(status, body, headers) of a GET, errors included."""
+    """(status, body, headers) of a GET, errors included; status 0 when nothing answered."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             return resp.status, resp.read(), dict(resp.headers)
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read(), dict(exc.headers)
+    except (urllib.error.URLError, OSError):
+        return 0, b"", {}
 
 
 def status(server) -> dict:

@@ -6,7 +6,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import signal
 import socket
+import subprocess
+import sys
 import time
 
 import aiohttp
@@ -14,6 +17,7 @@ import numpy as np
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from conftest import REPO, free_port
 from robust_helpers import (
     audio_messages,
     get,
@@ -308,3 +312,36 @@ async def test_broken_model_turns_readyz_503_and_says_why(start_server):
         msg = await ws.receive(timeout=10)
         error = json.loads(msg.data[1:])
         assert error["code"] == "not_ready" and "unusable" in error["message"]
+
+
+SLOW_LOAD = """
+import sys, time
+import jmoshi_server.app as app_module
+
+def slow_load(config):
+    time.sleep(120)  # a first start downloading 16 GB
+
+app_module.load_model = slow_load
+from jmoshi_server.cli import main
+sys.exit(main(["--demo", "--port", sys.argv[1]]))
+"""
+
+
+async def test_sigterm_while_the_model_loads_exits_at_once(tmp_path):
+    port = free_port()
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_LOAD, str(port)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        await wait_until(lambda: get(url + "/healthz", timeout=1)[0] == 200, 30, "the server listening")
+        assert get(url + "/readyz")[0] == 503
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        code = await asyncio.to_thread(proc.wait, 30)
+        assert code == 0 and time.monotonic() - started < 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
