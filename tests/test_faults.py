@@ -13,7 +13,6 @@ import sys
 import time
 
 import aiohttp
-import numpy as np
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -44,9 +43,7 @@ def robust_server(start_server):
 
 async def works(server) -> None:
     """A normal session right after: no error, audio back."""
-    result = await converse(
-        chat_url(server.url), np.zeros(SAMPLE_RATE, np.float32), realtime=False, tail_seconds=0.5
-    )
+    result = await converse(chat_url(server.url), tone(1.0), tail_seconds=0.8)  # real time: nothing dropped
     assert result.errors == [] and result.audio.size > 0, result.errors
     await wait_free(server)
 
@@ -69,7 +66,7 @@ async def test_stalled_reader_is_cut_off_and_server_memory_stays_bounded(robust_
     started = time.monotonic()
     peak = before["rss_mb"]
     sent = 0
-    while time.monotonic() - started < 40:
+    while time.monotonic() - started < 60:
         await ws.send(OP_BINARY, messages[sent % len(messages)])
         sent += 1
         await asyncio.sleep(0.08)
@@ -78,9 +75,11 @@ async def test_stalled_reader_is_cut_off_and_server_memory_stays_bounded(robust_
             if not status(server)["busy"]:
                 break
     cut_after = time.monotonic() - started
-    assert not status(server)["busy"], "a client that never reads held the model for 40 s"
-    # Not instantly (it is a lag limit), but long before the kernel buffers would fill.
-    assert 2 < cut_after < 20, cut_after
+    print(f"stalled reader cut off after {cut_after:.1f} s; RSS {before['rss_mb']:.0f} -> {peak:.0f} MB")
+    assert not status(server)["busy"], "a client that never reads held the model for 60 s"
+    # Not instantly (a 5 s lag limit, after the client's small buffer fills), but long before
+    # the server's kernel buffer would (minutes). Slower on a loaded machine: fewer bytes/s.
+    assert 2 < cut_after < 40, cut_after
     assert peak - before["rss_mb"] < 60, (before, peak)
     log = server.log_text()
     assert "slow_consumer" in log and "behind in reading" in log
@@ -126,6 +125,7 @@ async def test_send_blocked_on_a_full_socket_is_bounded(demo_dir, monkeypatch, c
         # The handler finished: its socket left the server's set, its log line was written.
         await wait_until(lambda: not state.sockets, 15, "the chat handler finishing")
         took = time.monotonic() - started
+        print(f"full socket: model freed and handler done {took:.1f} s after the reader stopped")
         assert "slow_consumer" in caplog.text
         assert "session ended after" in caplog.text
         assert took < 45, took
@@ -190,6 +190,7 @@ async def test_half_open_connection_is_dropped_by_the_heartbeat(robust_server):
         assert status(server)["busy"]
         proxy.frozen.set()  # the link dies: no FIN, no RST, nothing
         took = await wait_until(lambda: not status(server)["busy"], 15, "the half-open session ending")
+        print(f"half-open session ended {took:.1f} s after the link died (heartbeat 1 s)")
         assert took < 10, took
     finally:
         await proxy.close()
@@ -229,6 +230,7 @@ async def test_connection_burst_gets_busy_quickly_and_the_server_stays_healthy(r
         assert codes == ["busy"] * 40, codes
         assert all(close == 1013 for _, _, close in results)
         slowest = max(took for _, took, _ in results)
+        print(f"burst: 40 chats answered busy, slowest after {slowest:.2f} s; /healthz {health_took:.2f} s")
         assert slowest < 15, slowest  # generous: 40 handshakes on a shared 2-core box
         assert health_took < 5, health_took
         # The holder's session is untouched by the burst.

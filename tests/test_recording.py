@@ -247,8 +247,9 @@ async def test_sigterm_during_recorded_session_finishes_the_recording(start_serv
         streaming.cancel()
         code = await asyncio.to_thread(server.proc.wait, 20)
         took = time.monotonic() - signalled
+    print(f"SIGTERM to exit: {took:.2f} s")
     assert code == 0
-    assert took < 10, f"shutdown took {took:.1f} s (compose's grace period is 10 s)"
+    assert took < 10, f"shutdown took {took:.1f} s (aim: well inside docker's default 10 s)"
     assert [e["code"] for e in chat.errors] == ["shutting_down"]
     assert chat.close_code == 1001
     wav_path, jsonl_path = files_of(directory, url)
