@@ -7,11 +7,9 @@ once and ``/readyz`` says what is happening during a long first download.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import mimetypes
 import statistics
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +22,7 @@ from .config import Config
 from .engine import Engine
 from .protocol import ErrorCode, Sampling
 from .session import handle_chat, refuse_chat, shut_down_socket
+from .threads import in_daemon_thread
 
 log = logging.getLogger(__name__)
 
@@ -66,38 +65,11 @@ STATE = web.AppKey("state", ServerState)
 STATIC_DIR = web.AppKey("static_dir", Path)
 
 
-async def _in_daemon_thread(fn, *args):
-    """``asyncio.to_thread`` on a daemon thread: exit (SIGTERM mid-download) does not wait for it."""
-    loop = asyncio.get_running_loop()
-    future = loop.create_future()
-
-    def run() -> None:
-        result, error = None, None
-        try:
-            result = fn(*args)
-        except Exception as exc:  # noqa: BLE001 - re-raised in the awaiting task
-            error = exc
-        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
-            loop.call_soon_threadsafe(_settle, future, result, error)
-
-    threading.Thread(target=run, name="jmoshi-load", daemon=True).start()
-    return await future
-
-
-def _settle(future: asyncio.Future, result: object, exc: BaseException | None) -> None:
-    if future.done():
-        return
-    if exc is not None:
-        future.set_exception(exc)
-    else:
-        future.set_result(result)
-
-
 async def load_engine(state: ServerState) -> None:
     """Load the checkpoint off the loop, then start the model thread (which warms up)."""
     config = state.config
     try:
-        model = await _in_daemon_thread(load_model, config)
+        model = await in_daemon_thread(load_model, config, name="jmoshi-load")
     except CheckpointError as exc:
         state.phase, state.failure = "failed", str(exc)
         raise

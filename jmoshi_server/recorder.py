@@ -8,7 +8,7 @@ the model fell behind is not in it (the transcript says where), and the model's 
 where it was produced, with the same lag the user heard.
 
 Crash safety: frames are buffered on the event loop (appending to a list, nothing else)
-and written every ``FLUSH_SECONDS`` by a worker thread (``asyncio.to_thread``), which also
+and written every ``FLUSH_SECONDS`` by a worker thread (never the model's), which also
 rewrites the WAV header's two sizes to the data written so far and fsyncs both files. A
 ``kill -9`` therefore loses at most ``FLUSH_SECONDS`` plus one write; ``repair`` (run at
 start-up) fixes the header from the file's length and closes the transcript.
@@ -30,6 +30,7 @@ import numpy as np
 
 from .engine import FRAME_SAMPLES, FRAME_SECONDS, SAMPLE_RATE, FrameResult
 from .text import Detokenizer
+from .threads import in_daemon_thread
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ class Recorder:
             frame_seconds=FRAME_SECONDS,
             alignment=ALIGNMENT,
         )
-        await asyncio.to_thread(recorder._open, _line(start))
+        await in_daemon_thread(recorder._open, _line(start))
         recorder._task = asyncio.create_task(recorder._run(), name=f"recorder {files.wav.stem}")
         return recorder
 
@@ -239,7 +240,7 @@ class Recorder:
         if self.error:
             end["recording_error"] = self.error
         try:
-            await asyncio.to_thread(self._finalise, _line(end))
+            await in_daemon_thread(self._finalise, _line(end))
         except OSError as exc:
             log.error("recording %s could not be finalised: %s", self.files.wav.stem, exc)
 
@@ -249,7 +250,7 @@ class Recorder:
         if not frames and not lines:
             return
         try:
-            await asyncio.to_thread(self._write, frames, lines)
+            await in_daemon_thread(self._write, frames, lines)
         except OSError as exc:
             self._fail(f"write failed: {exc}")
 

@@ -35,6 +35,7 @@ from .engine import FRAME_SECONDS, FrameResult, SessionEnd
 from .protocol import ParameterError
 from .recorder import TRANSCRIPT_SUFFIX, WAV_SUFFIX, Recorder, RecordingFiles, read_transcript, repair
 from .text import Detokenizer
+from .threads import in_daemon_thread
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ class RecordingStore:
     async def prune_now(self) -> None:
         async with self._prune_lock:
             try:
-                await asyncio.to_thread(self.prune)
+                await in_daemon_thread(self.prune)
             except OSError as exc:
                 log.error("recordings retention failed: %s", exc)
 
@@ -201,13 +202,13 @@ class RecordingStore:
         part = request.query.get("part", "audio")
         if part == "transcript":
             try:
-                body = await asyncio.to_thread(read_transcript, files.transcript)
+                body = await in_daemon_thread(read_transcript, files.transcript)
             except FileNotFoundError:
                 raise web.HTTPNotFound(headers=PRIVATE) from None
             return web.json_response(body, headers=PRIVATE, dumps=_dumps)
         if part != "audio":
             raise web.HTTPBadRequest(text="part must be audio or transcript", headers=PRIVATE)
-        if not await asyncio.to_thread(files.wav.is_file):
+        if not await in_daemon_thread(files.wav.is_file):
             raise web.HTTPNotFound(headers=PRIVATE)
         name = f"jmoshi-recording-{stem[:8]}.wav"
         headers = {**PRIVATE, "Content-Disposition": f'attachment; filename="{name}"'}
@@ -224,8 +225,8 @@ RECORDINGS = web.AppKey("recordings", RecordingStore)
 async def _recordings_ctx(app: web.Application):
     store = app[RECORDINGS]
     try:
-        await asyncio.to_thread(store.repair_all)
-        await asyncio.to_thread(store.prune)
+        await in_daemon_thread(store.repair_all)
+        await in_daemon_thread(store.prune)
     except OSError as exc:
         log.error("recordings directory %s: %s", store.directory, exc)
     pruner = asyncio.create_task(store._prune_periodically())
