@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -26,10 +27,10 @@ import aiohttp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from conftest import SPEECH_TEXT, ServerProcess  # noqa: E402
+from conftest import SPEECH_TEXT, ServerProcess
 
-from jmoshi_server.client import chat_url, converse, read_audio  # noqa: E402
-from jmoshi_server.demo import ensure_demo_checkpoint  # noqa: E402
+from jmoshi_server.client import chat_url, converse, read_audio
+from jmoshi_server.demo import ensure_demo_checkpoint
 
 
 def speech(seconds: float, workdir: Path) -> np.ndarray:
@@ -88,10 +89,13 @@ def main() -> None:
                 server.stop()
     lat, result, status = out["latencies"], out["result"], out["status"]
     steps = status.get("step_ms_p50", {})
-    print(f"machine: {platform.node()} ({platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores)")
+    cores = len(os.sched_getaffinity(0))
+    print(f"machine: {platform.node()} ({platform.machine()}, {cores} cores)")
     print(f"model: {status.get('model')} on {status.get('device')} ({status.get('dtype')})")
-    print(f"session: {len(pcm) / 24000:.1f} s in, {len(result.audio) / 24000:.1f} s out, "
-          f"first audio after {1000 * (result.first_audio_seconds or 0):.0f} ms")
+    print(
+        f"session: {len(pcm) / 24000:.1f} s in, {len(result.audio) / 24000:.1f} s out, "
+        f"first audio after {1000 * (result.first_audio_seconds or 0):.0f} ms"
+    )
     print()
     print("| GET /healthz every 20 ms during the session | value |")
     print("|---|---|")
@@ -104,7 +108,7 @@ def main() -> None:
     print("|---|---|")
     for stage in ("encode", "lm", "decode", "total"):
         print(f"| {stage} | {steps.get(stage)} |")
-    print(f"| frame budget (real time) | 80 |")
+    print("| frame budget (real time) | 80 |")
     print(json.dumps({"healthz_p99_ms": round(pct(lat, 99), 2), "step_ms_p50": steps}))
 
 
