@@ -14,14 +14,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aiohttp import WSCloseCode, web
+from aiohttp import web
 
-from . import __version__, protocol, security
+from . import __version__, recordings, security
 from .checkpoint import CheckpointError, load_model
 from .config import Config
 from .engine import Engine
 from .protocol import ErrorCode, Sampling
-from .session import handle_chat, refuse_chat
+from .session import handle_chat, refuse_chat, shut_down_socket
+from .threads import in_daemon_thread
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,11 @@ class ServerState:
         engine = self.engine
         return engine is not None and engine.ready.is_set() and not engine.failure
 
+    @property
+    def problem(self) -> str | None:
+        """Why the server cannot serve: a load failure, or a model that broke after it was ready."""
+        return self.failure or (self.engine.failure if self.engine is not None else None)
+
 
 STATE = web.AppKey("state", ServerState)
 STATIC_DIR = web.AppKey("static_dir", Path)
@@ -63,7 +69,7 @@ async def load_engine(state: ServerState) -> None:
     """Load the checkpoint off the loop, then start the model thread (which warms up)."""
     config = state.config
     try:
-        model = await asyncio.to_thread(load_model, config)
+        model = await in_daemon_thread(load_model, config, name="jmoshi-load")
     except CheckpointError as exc:
         state.phase, state.failure = "failed", str(exc)
         raise
@@ -90,15 +96,9 @@ async def _engine_ctx(app: web.Application):
 
 
 async def _close_sockets(app: web.Application) -> None:
-    """On shutdown, tell connected users and close their sockets."""
-    for ws in list(app[STATE].sockets):
-        if not ws.closed:
-            await ws.send_bytes(
-                protocol.encode_error(
-                    ErrorCode.SHUTTING_DOWN, "the server is shutting down; try again in a moment"
-                )
-            )
-            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+    """On shutdown, end each chat the normal way: the user is told (0x05 shutting_down), its
+    recording is finished and the model freed; every step is bounded (see session.py)."""
+    await asyncio.gather(*(shut_down_socket(ws) for ws in list(app[STATE].sockets)))
 
 
 # ---- handlers --------------------------------------------------------------------------
@@ -112,11 +112,12 @@ async def readyz(request: web.Request) -> web.Response:
     state = request.app[STATE]
     if state.ready:
         return web.json_response({"ready": True})
-    reason = state.failure or {
+    phase = "failed" if state.problem else state.phase
+    reason = state.problem or {
         "loading": "loading the model (the first start downloads it)",
         "warming_up": "warming up the model",
-    }.get(state.phase, state.phase)
-    return web.json_response({"ready": False, "phase": state.phase, "reason": reason}, status=503)
+    }.get(phase, phase)
+    return web.json_response({"ready": False, "phase": phase, "reason": reason}, status=503)
 
 
 def _p50(values: list[float]) -> float | None:
@@ -133,8 +134,8 @@ async def api_status(request: web.Request) -> web.Response:
         "uptime_seconds": round(time.monotonic() - state.started_at, 1),
         "model": None,
     }
-    if state.failure:
-        body["failure"] = state.failure
+    if state.problem:
+        body["failure"] = state.problem
     if engine is not None:
         model = engine.model
         current = engine.current
@@ -163,7 +164,7 @@ async def api_status(request: web.Request) -> web.Response:
 async def chat(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     if not state.ready:
-        reason = state.failure or "the model is still loading; try again shortly"
+        reason = state.problem or "the model is still loading; try again shortly"
         return await refuse_chat(request, state.config, ErrorCode.NOT_READY, reason)
     assert state.engine is not None
     return await handle_chat(request, state.engine, state.config, state.sockets)
@@ -184,6 +185,7 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/api/chat", chat)
     security.setup(app, config)
     app.router.add_get("/", index)
+    recordings.setup(app, config)  # before the static catch-all
     app.router.add_static("/", static_dir)
     app.cleanup_ctx.append(_engine_ctx)
     app.on_shutdown.append(_close_sockets)

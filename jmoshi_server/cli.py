@@ -17,6 +17,7 @@ from . import tls
 from .app import STATE, create_app
 from .checkpoint import CheckpointError
 from .config import Config, parse_config
+from .quietlog import quiet_client_errors
 
 log = logging.getLogger("jmoshi_server")
 
@@ -31,6 +32,7 @@ def setup_logging(level: str) -> None:
         stream=sys.stderr,
     )
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    quiet_client_errors()  # a malformed request is one line, not a traceback
     logging.captureWarnings(True)
     # moshi warns that a repo without config.json is assumed to be Moshi 7B: that is J-Moshi.
     warnings.filterwarnings("ignore", message=".*contains no config.json.*")

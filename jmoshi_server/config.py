@@ -67,6 +67,18 @@ class Config:
     heartbeat_seconds: float = _opt(
         "WebSocket ping interval; a client silent for half of it is dropped.", 5.0
     )
+    recording: bool = _opt(
+        "Allow sessions to ask to be recorded (query record=1); recording is always opt-in per session.",
+        True,
+    )
+    recordings_dir: Path | None = _opt(
+        "Where recordings are kept (default: $XDG_DATA_HOME/jmoshi-server/recordings, "
+        "i.e. ~/.local/share/jmoshi-server/recordings)."
+    )
+    recordings_keep_days: float = _opt("Delete recordings older than this many days (0 = no age limit).", 7.0)
+    recordings_max_mb: int = _opt(
+        "Disk cap for all recordings in MiB; the oldest are deleted first (0 = no cap).", 2048
+    )
     static_dir: Path | None = _opt("Directory served at / (default: the bundled page).")
     data_dir: Path | None = _opt(
         "Where the server keeps its own files, e.g. the generated TLS certificate "
@@ -104,6 +116,13 @@ class Config:
     @property
     def resolved_device(self) -> str:
         return self.device or ("cpu" if self.demo else "cuda")
+
+    @property
+    def resolved_recordings_dir(self) -> Path:
+        if self.recordings_dir is not None:
+            return self.recordings_dir
+        data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+        return Path(data_home) / "jmoshi-server" / "recordings"
 
     @property
     def resolved_dtype(self) -> str:
@@ -251,6 +270,8 @@ def validate(config: Config) -> list[str]:
         problems.append("--idle-seconds must be >= 0")
     if config.heartbeat_seconds <= 0:
         problems.append("--heartbeat-seconds must be > 0")
+    if config.recordings_keep_days < 0 or config.recordings_max_mb < 0:
+        problems.append("--recordings-keep-days and --recordings-max-mb must be >= 0")
     if config.text_temperature < 0 or config.audio_temperature < 0:
         problems.append("temperatures must be >= 0")
     if config.text_topk < 1 or config.audio_topk < 1:

@@ -30,6 +30,7 @@ import torch
 from moshi.models import LMGen
 from moshi.utils import compile as compile_utils
 
+from . import faults
 from .checkpoint import LoadedModel
 from .protocol import Sampling
 
@@ -56,11 +57,15 @@ class StepTimings:
 
 @dataclass(frozen=True)
 class FrameResult:
-    """The model's answer to one input frame. ``pcm`` is None while the LM warms its delays."""
+    """The model's answer to one input frame. ``pcm`` is None while the LM warms its delays.
+
+    ``pcm_in`` is the input frame the model consumed for this step (what recordings keep).
+    """
 
     pcm: np.ndarray | None
     text_token: int | None
     timings: StepTimings
+    pcm_in: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -199,6 +204,9 @@ class Engine:
         self._streaming = contextlib.ExitStack()
         self._graphed_audio_sampling: tuple[float, int] | None = None
         self._thread = threading.Thread(target=self._run, name="jmoshi-engine", daemon=True)
+        self._faults = faults.from_env()  # test-only, see faults.py
+        if self._faults is not None:
+            log.warning("%s=%r: the model will fail on purpose (test-only)", faults.ENV, self._faults.spec)
 
     # ---- event-loop side -------------------------------------------------------------
 
@@ -322,12 +330,39 @@ class Engine:
             self.stats.frames_dropped += session.dropped_frames
             session._set_ready(False)
             session._post(SessionEnd(error))
+            if error is not None:
+                self._recover(error)  # still holding the claim: nobody starts on a broken model
             with self._wake:
                 self._current = None
             self._claim.release()
 
+    def _recover(self, error: str) -> None:
+        """After a failed session: fresh streaming state and a few frames as a self-test.
+
+        If that fails too the model is unusable: ``failure`` is set, so ``/readyz`` answers 503
+        with the reason and new sessions are refused with ``not_ready``.
+        """
+        audio = self._graphed_audio_sampling or (
+            self.default_sampling.audio_temperature,
+            self.default_sampling.audio_topk,
+        )
+        try:
+            with contextlib.suppress(Exception):
+                torch.cuda.empty_cache()
+            self._open_streaming(audio)
+        except Exception as exc:
+            self.failure = (
+                f"the model is unusable: after a failed session ({error}) "
+                f"its self-test failed too ({type(exc).__name__}: {exc}); restart the server"
+            )
+            log.error("%s", self.failure, exc_info=True)
+        else:
+            log.info("model self-test after the failed session passed; ready for the next session")
+
     def _step(self, frame: np.ndarray, discard_encoder_state: bool = False) -> FrameResult:
         """One 80 ms frame: Mimi encode -> LM step -> Mimi decode."""
+        if self._faults is not None and self.ready.is_set():
+            self._faults.before_step()
         model = self.model
         clock = _StageClock(model.device)
         clock.mark()
@@ -350,7 +385,7 @@ class Engine:
         else:
             clock.mark()
         encode_ms, lm_ms, decode_ms = clock.spans_ms()
-        return FrameResult(pcm_out, text_token, StepTimings(encode_ms, lm_ms, decode_ms))
+        return FrameResult(pcm_out, text_token, StepTimings(encode_ms, lm_ms, decode_ms), frame)
 
 
 def _resolve(future: asyncio.Future, value: object) -> None:

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from . import protocol
+from . import protocol, recordings
 from .audio import BadAudio, OpusEncoder, OpusFrameDecoder
 from .config import Config
 from .engine import Engine, EngineSession, FrameResult, SessionEnd
 from .protocol import ErrorCode, Kind, ParameterError, Sampling
+from .sendlag import SendLag
 from .text import Detokenizer
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,10 @@ _session_ids = itertools.count(1)
 READY_TIMEOUT_S = 120.0  # re-capturing CUDA graphs for new audio settings can take a while
 ENGINE_RELEASE_TIMEOUT_S = 30.0  # one model step on a very slow device, with margin
 MAX_PENDING_RESULTS = 25  # 2 s of model output waiting for a client that does not read
+MAX_SEND_LAG_S = 5.0  # oldest byte the client has not acknowledged (see sendlag.py)
+SEND_TIMEOUT_S = 3.0  # one send waiting for the socket to drain
+CLOSE_TIMEOUT_S = 2.0  # the closing handshake; then the connection is cut
+SHUTDOWN_WAIT_S = 4.0  # on SIGTERM: a session's time to finish before its connection is cut
 
 
 class ChatSocket(web.WebSocketResponse):
@@ -36,6 +41,8 @@ class ChatSocket(web.WebSocketResponse):
     aiohttp closes with 1009 inside ``receive()`` when a message passes ``max_msg_size``;
     this sends the protocol's ``message_too_large`` error first.
     """
+
+    session: ChatSession | None = None  # the chat on this socket, for shutdown
 
     async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True) -> bool:
         if code == WSCloseCode.MESSAGE_TOO_BIG and not self.closed:
@@ -87,12 +94,47 @@ class ChatSession:
         self.last_audio = 0.0  # loop time of the last audio message (the handshake at first)
         self._warned: set[ErrorCode] = set()
         self.claim: EngineSession | None = None
+        self.request = request
+        self.recording = recordings.SessionRecording()
+        self.send_lag = SendLag(request.transport)
+        self._stop = asyncio.Event()  # set by shut_down()
+        self.finished = asyncio.Event()
 
     # ---- helpers -----------------------------------------------------------------------
 
     async def _send_error(self, code: ErrorCode, message: str, **extra: object) -> None:
         with contextlib.suppress(ConnectionError, RuntimeError):
-            await self.ws.send_bytes(protocol.encode_error(code, message, **extra))
+            await self._send(protocol.encode_error(code, message, **extra))
+
+    async def _send(self, data: bytes) -> None:
+        """Send one message; a client that does not read for too long is cut off."""
+        try:
+            await asyncio.wait_for(self.ws.send_bytes(data), SEND_TIMEOUT_S)
+        except TimeoutError:
+            self._slow_consumer(f"a send waited more than {SEND_TIMEOUT_S:.0f} s for the client")
+            raise ConnectionResetError("the client stopped reading") from None
+        self.send_lag.sent(len(data) + 4)
+        if (lag := self.send_lag.seconds()) > MAX_SEND_LAG_S:
+            self._slow_consumer(f"the client is {lag:.1f} s behind in reading")
+            raise ConnectionResetError("the client stopped reading")
+
+    def _slow_consumer(self, why: str) -> None:
+        self._end(
+            ErrorCode.SLOW_CONSUMER,
+            f"the connection is not reading the model's audio fast enough ({why})",
+            WSCloseCode.TRY_AGAIN_LATER,
+        )
+        if self.claim:
+            self.claim.close()
+
+    def shut_down(self) -> None:
+        """Server shutdown: end the session the normal way (tell, finish recording, free)."""
+        self._end(
+            ErrorCode.SHUTTING_DOWN,
+            "the server is shutting down; try again in a moment",
+            WSCloseCode.GOING_AWAY,
+        )
+        self._stop.set()
 
     async def refuse(self, code: ErrorCode, message: str, close_code: int, **extra: object) -> None:
         """Answer and close without ever taking the model."""
@@ -106,6 +148,7 @@ class ChatSession:
 
     def _on_result(self, item: FrameResult | SessionEnd) -> None:
         """Runs on the event loop for every item the model thread posts."""
+        self.recording.on_result(item)  # what the model did, even if the client is too slow
         if isinstance(item, SessionEnd):
             if item.error:
                 self._end(ErrorCode.INTERNAL, item.error, WSCloseCode.INTERNAL_ERROR)
@@ -113,13 +156,7 @@ class ChatSession:
             self.results.put_nowait(None)  # wakes the sender so it can finish
             return
         if self.results.qsize() >= MAX_PENDING_RESULTS:
-            self._end(
-                ErrorCode.SLOW_CONSUMER,
-                "the connection is not reading the model's audio fast enough",
-                WSCloseCode.TRY_AGAIN_LATER,
-            )
-            if self.claim:
-                self.claim.close()
+            self._slow_consumer(f"{MAX_PENDING_RESULTS} frames waiting to be sent")
             return
         self.results.put_nowait(item)
 
@@ -128,6 +165,7 @@ class ChatSession:
     async def run(self, query: dict[str, str]) -> None:
         try:
             sampling = protocol.parse_sampling(query, Sampling.defaults(self.config))
+            record = recordings.wants_recording(query)
         except ParameterError as exc:
             await self.refuse(ErrorCode.BAD_PARAMETER, str(exc), WSCloseCode.POLICY_VIOLATION)
             return
@@ -143,8 +181,11 @@ class ChatSession:
                 session_seconds=age,
             )
             return
+        self.recording = recordings.SessionRecording.for_request(self.request, record)
         try:
             await self._converse()
+        except ConnectionError as exc:  # the client left while we were talking to it
+            self._end(None, f"connection lost: {exc}")
         finally:
             await self._finish()
 
@@ -156,8 +197,11 @@ class ChatSession:
                 ErrorCode.INTERNAL, "the model could not start this session", WSCloseCode.INTERNAL_ERROR
             )
             return
-        await self.ws.send_bytes(protocol.encode(Kind.HANDSHAKE))
-        await self.ws.send_bytes(protocol.encode_json(Kind.METADATA, self._metadata()))
+        if self._stop.is_set():
+            return
+        await self.recording.start(Detokenizer(self.engine.model.tokenizer), self._record_header(), self.log)
+        await self._send(protocol.encode(Kind.HANDSHAKE))
+        await self._send(protocol.encode_json(Kind.METADATA, self._metadata()))
         self.log.info("session started (seed %d, %s)", claim.seed, claim.sampling)
         self.last_audio = asyncio.get_running_loop().time()
         # The session ends when the client stops, the sender stops, or the model thread is
@@ -166,6 +210,7 @@ class ChatSession:
             asyncio.create_task(self._receive_loop()),
             asyncio.create_task(self._send_loop()),
             asyncio.create_task(self.engine_done.wait()),
+            asyncio.create_task(self._stop.wait()),
         }
         if self.config.idle_seconds:
             tasks.add(asyncio.create_task(self._idle_watch()))
@@ -194,6 +239,17 @@ class ChatSession:
             "max_session_seconds": self.config.max_session_seconds,
             "idle_seconds": self.config.idle_seconds,
             "input_budget_ms": self.config.input_budget_ms,
+            **self.recording.metadata(),
+        }
+
+    def _record_header(self) -> dict:
+        """What a recording's transcript says about the session it comes from."""
+        claim = self.claim
+        assert claim is not None
+        return {
+            "session": f"s{self.id}",
+            "model": self.engine.model.source,
+            "sampling": {**claim.sampling.to_json(), "seed": claim.seed},
         }
 
     async def _finish(self) -> None:
@@ -203,6 +259,7 @@ class ChatSession:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.engine_done.wait(), ENGINE_RELEASE_TIMEOUT_S)
         ending = self.ending or Ending(None, "normal")
+        await self.recording.finish(str(ending.code or "normal"), ending.message)
         if ending.code is not None and not self.ws.closed:
             await self._send_error(ending.code, ending.message)
         claim = self.claim
@@ -216,8 +273,8 @@ class ChatSession:
         )
         if ending.code is not None:
             self.log.warning("%s: %s", ending.code, ending.message)
-        if not self.ws.closed:
-            await self.ws.close(code=ending.close_code, message=str(ending.code or "bye").encode())
+        await _bounded_close(self.ws, ending.close_code, str(ending.code or "bye").encode())
+        self.finished.set()
 
     # ---- pumps -------------------------------------------------------------------------
 
@@ -258,7 +315,7 @@ class ChatSession:
                 self._end(ErrorCode.BAD_AUDIO, str(exc), WSCloseCode.UNSUPPORTED_DATA)
                 return False
             for frame in frames:
-                self.claim.push(frame)  # type: ignore[union-attr]
+                self.recording.on_dropped(self.claim.push(frame))  # type: ignore[union-attr]
             return True
         if kind in protocol.IGNORED_CLIENT_KINDS:
             return True
@@ -290,20 +347,56 @@ class ChatSession:
                 ogg = self.encoder.encode(result.pcm)
                 self.frames_out += 1
                 if ogg:
-                    await self.ws.send_bytes(protocol.encode(Kind.AUDIO, ogg))
+                    await self._send(protocol.encode(Kind.AUDIO, ogg))
             if result.text_token is not None:
                 text = self.detokenizer.push(result.text_token)
                 if text:
-                    await self.ws.send_bytes(protocol.encode(Kind.TEXT, text.encode("utf-8")))
+                    await self._send(protocol.encode(Kind.TEXT, text.encode("utf-8")))
         self._end(None, "the model finished the session")
 
 
 async def _refuse(
     ws: web.WebSocketResponse, code: ErrorCode, message: str, close_code: int, **extra: object
 ) -> None:
-    with contextlib.suppress(ConnectionError, RuntimeError):
-        await ws.send_bytes(protocol.encode_error(code, message, **extra))
-    await ws.close(code=close_code, message=str(code).encode())
+    with contextlib.suppress(ConnectionError, RuntimeError, TimeoutError):
+        await asyncio.wait_for(ws.send_bytes(protocol.encode_error(code, message, **extra)), SEND_TIMEOUT_S)
+    await _bounded_close(ws, close_code, str(code).encode())
+
+
+async def _bounded_close(ws: web.WebSocketResponse, code: int, message: bytes = b"") -> None:
+    """The closing handshake, bounded: a client that does not answer (or does not read, so
+    aiohttp's drain never returns) is cut off after CLOSE_TIMEOUT_S."""
+    if ws.closed:
+        return
+    try:
+        await asyncio.wait_for(ws.close(code=code, message=message), CLOSE_TIMEOUT_S)
+    except TimeoutError:
+        _abort(ws)
+
+
+def _abort(ws: web.WebSocketResponse) -> None:
+    """Cut the TCP connection (no closing handshake): wakes everything waiting on it."""
+    req = getattr(ws, "_req", None)  # the request the response was prepared for
+    if req is not None and req.transport is not None:
+        req.transport.abort()
+
+
+async def shut_down_socket(ws: web.WebSocketResponse) -> None:
+    """Server shutdown: end the chat on ``ws`` the normal way, or just say so and close."""
+    session = getattr(ws, "session", None)
+    if session is not None:
+        session.shut_down()
+        try:
+            await asyncio.wait_for(session.finished.wait(), SHUTDOWN_WAIT_S)
+        except TimeoutError:
+            _abort(ws)  # its sends and close fail at once; a recording finishes in the background
+        return
+    await _refuse(
+        ws,
+        ErrorCode.SHUTTING_DOWN,
+        "the server is shutting down; try again in a moment",
+        WSCloseCode.GOING_AWAY,
+    )
 
 
 async def refuse_chat(
@@ -328,6 +421,7 @@ async def handle_chat(
     await ws.prepare(request)
     sockets.add(ws)
     session = ChatSession(request, ws, engine, config)
+    ws.session = session
     try:
         await session.run(dict(request.query))
     except Exception:
@@ -335,6 +429,6 @@ async def handle_chat(
         raise
     finally:
         sockets.discard(ws)
-        if not ws.closed:
-            await ws.close(code=WSCloseCode.INTERNAL_ERROR)
+        session.finished.set()
+        await _bounded_close(ws, WSCloseCode.INTERNAL_ERROR)
     return ws
