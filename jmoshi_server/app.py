@@ -16,7 +16,7 @@ from pathlib import Path
 
 from aiohttp import WSCloseCode, web
 
-from . import __version__, protocol
+from . import __version__, metrics, protocol
 from .checkpoint import CheckpointError, load_model
 from .config import Config
 from .engine import Engine
@@ -178,6 +178,7 @@ def create_app(config: Config) -> web.Application:
     app[STATE] = ServerState(config)
     static_dir = config.static_dir or bundled_static_dir()
     app[STATIC_DIR] = static_dir
+    metrics.install(app, app[STATE])  # /metrics, before the static catch-all at /
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/api/status", api_status)
