@@ -67,7 +67,12 @@ async def load_engine(state: ServerState) -> None:
     except CheckpointError as exc:
         state.phase, state.failure = "failed", str(exc)
         raise
-    engine = Engine(model, Sampling.defaults(config), config.warmup_frames)
+    engine = Engine(
+        model,
+        Sampling.defaults(config),
+        config.warmup_frames,
+        step_delay_ms=config.bench_step_delay_ms,
+    )
     engine.start()
     state.engine = engine
     state.phase = "warming_up"
