@@ -72,6 +72,7 @@ async def load_engine(state: ServerState) -> None:
         Sampling.defaults(config),
         config.warmup_frames,
         step_delay_ms=config.bench_step_delay_ms,
+        torch_threads=config.torch_threads,
     )
     engine.start()
     state.engine = engine

@@ -64,6 +64,11 @@ class Config:
         "docs/protocol-stats.md). 0 = never.",
         1.0,
     )
+    torch_threads: int = _opt(
+        "CPU threads torch may use for the model (0 = auto: one fewer than the cores, at least 1, "
+        "so the event loop and Opus keep a core; see docs/benchmarks.md).",
+        0,
+    )
     bench_step_delay_ms: float = _opt(
         "Benchmarks only: sleep this long in every model step, to imitate a GPU too slow for real "
         "time (bench/slow_model.py). Never set it for real use.",
@@ -175,8 +180,8 @@ def validate(config: Config) -> list[str]:
         problems.append("--max-message-bytes must be at least 1024")
     if config.input_budget_ms < 80:
         problems.append("--input-budget-ms must be at least one frame (80)")
-    if config.stats_interval_seconds < 0 or config.bench_step_delay_ms < 0:
-        problems.append("--stats-interval-seconds and --bench-step-delay-ms must be >= 0")
+    if config.stats_interval_seconds < 0 or config.bench_step_delay_ms < 0 or config.torch_threads < 0:
+        problems.append("--stats-interval-seconds, --torch-threads and --bench-step-delay-ms must be >= 0")
     if config.max_session_seconds < 0:
         problems.append("--max-session-seconds must be >= 0")
     if config.heartbeat_seconds <= 0:

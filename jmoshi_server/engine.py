@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import os
 import random
 import threading
 import time
@@ -191,12 +192,14 @@ class Engine:
         default_sampling: Sampling,
         warmup_frames: int = 4,
         step_delay_ms: float = 0.0,
+        torch_threads: int = 0,
     ) -> None:
         self.model = model
         self.default_sampling = default_sampling
         self.warmup_frames = warmup_frames
         # Benchmarks only (--bench-step-delay-ms): imitate an LM too slow for real time.
         self.step_delay_s = step_delay_ms / 1000
+        self.torch_threads = resolve_torch_threads(torch_threads)
         self.lm_gen = LMGen(
             model.lm,
             temp=default_sampling.audio_temperature,
@@ -255,6 +258,8 @@ class Engine:
     # ---- model thread ------------------------------------------------------------------
 
     def _run(self) -> None:
+        # On the model thread itself: with OpenMP the thread count is per calling thread.
+        torch.set_num_threads(self.torch_threads)
         # On CPU moshi's small torch.compile fusions cost ~20 s of compiling at warm-up and
         # gain nothing measurable; on CUDA they stay on.
         on_cpu = self.model.device.type == "cpu"
@@ -376,6 +381,18 @@ class Engine:
             clock.mark()
         encode_ms, lm_ms, decode_ms = clock.spans_ms()
         return FrameResult(pcm_out, text_token, StepTimings(encode_ms, lm_ms, decode_ms))
+
+
+def resolve_torch_threads(requested: int = 0) -> int:
+    """Torch CPU threads for the model: ``requested``, or for 0 one fewer than the cores.
+
+    On a 2-core machine torch's default (one thread per core) lets the model's OpenMP threads
+    spin on the core the event loop and Opus need; bench/frame_loop.py --threads compares.
+    """
+    if requested > 0:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 def _resolve(future: asyncio.Future, value: object) -> None:
