@@ -15,30 +15,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import aiohttp
 import numpy as np
+from benchlib import machine_line, speech, start_jmoshi
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from conftest import SPEECH_TEXT, ServerProcess  # noqa: E402
-
-from jmoshi_server.client import chat_url, converse, read_audio  # noqa: E402
-from jmoshi_server.demo import ensure_demo_checkpoint  # noqa: E402
-
-
-def speech(seconds: float, workdir: Path) -> np.ndarray:
-    raw, wav = workdir / "raw.wav", workdir / "speech.wav"
-    subprocess.run(["espeak-ng", "-v", "ja", "-s", "140", "-w", str(raw), SPEECH_TEXT], check=True)
-    subprocess.run(["sox", str(raw), "-r", "24000", "-c", "1", "-b", "16", str(wav)], check=True)
-    pcm = read_audio(str(wav))
-    reps = int(np.ceil(seconds * 24000 / len(pcm)))
-    return np.tile(pcm, reps)[: int(seconds * 24000)]
+from jmoshi_server.client import chat_url, converse
 
 
 async def poll(url: str, stop: asyncio.Event) -> list[float]:
@@ -79,7 +64,7 @@ def main() -> None:
         server = None
         url = args.url
         if url is None:
-            server = ServerProcess(ensure_demo_checkpoint(), workdir / "server.log").wait_ready()
+            server = start_jmoshi(workdir / "server.log").wait_ready()
             url = server.url
         try:
             out = asyncio.run(measure(url, pcm))
@@ -88,10 +73,12 @@ def main() -> None:
                 server.stop()
     lat, result, status = out["latencies"], out["result"], out["status"]
     steps = status.get("step_ms_p50", {})
-    print(f"machine: {platform.node()} ({platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores)")
+    print(machine_line())
     print(f"model: {status.get('model')} on {status.get('device')} ({status.get('dtype')})")
-    print(f"session: {len(pcm) / 24000:.1f} s in, {len(result.audio) / 24000:.1f} s out, "
-          f"first audio after {1000 * (result.first_audio_seconds or 0):.0f} ms")
+    print(
+        f"session: {len(pcm) / 24000:.1f} s in, {len(result.audio) / 24000:.1f} s out, "
+        f"first audio after {1000 * (result.first_audio_seconds or 0):.0f} ms"
+    )
     print()
     print("| GET /healthz every 20 ms during the session | value |")
     print("|---|---|")
@@ -104,7 +91,7 @@ def main() -> None:
     print("|---|---|")
     for stage in ("encode", "lm", "decode", "total"):
         print(f"| {stage} | {steps.get(stage)} |")
-    print(f"| frame budget (real time) | 80 |")
+    print("| frame budget (real time) | 80 |")
     print(json.dumps({"healthz_p99_ms": round(pct(lat, 99), 2), "step_ms_p50": steps}))
 
 
