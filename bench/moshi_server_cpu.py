@@ -6,7 +6,9 @@ The installed package is not modified. Before its module runs, this launcher:
   which fails on a machine without CUDA;
 - with ``--lm-dtype float32`` (what jmoshi-server uses on CPU), loads the LM in float32:
   moshi.server's own flags only offer bfloat16 or float16, which would make the comparison
-  one of dtypes rather than of servers.
+  one of dtypes rather than of servers;
+- with ``--torch-threads N``, sets torch's CPU thread count (moshi.server steps the model on
+  its event loop thread, the main thread).
 
 Every other argument goes to moshi.server unchanged:
 
@@ -25,9 +27,12 @@ import torch
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lm-dtype", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--torch-threads", type=int)
     parser.add_argument("server_args", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     torch.cuda.synchronize = lambda *a, **k: None
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     if args.lm_dtype:
         from moshi.models import loaders
 
