@@ -15,31 +15,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import aiohttp
 import numpy as np
+from benchlib import machine_line, speech, start_jmoshi
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from conftest import SPEECH_TEXT, ServerProcess
-
-from jmoshi_server.client import chat_url, converse, read_audio
-from jmoshi_server.demo import ensure_demo_checkpoint
-
-
-def speech(seconds: float, workdir: Path) -> np.ndarray:
-    raw, wav = workdir / "raw.wav", workdir / "speech.wav"
-    subprocess.run(["espeak-ng", "-v", "ja", "-s", "140", "-w", str(raw), SPEECH_TEXT], check=True)
-    subprocess.run(["sox", str(raw), "-r", "24000", "-c", "1", "-b", "16", str(wav)], check=True)
-    pcm = read_audio(str(wav))
-    reps = int(np.ceil(seconds * 24000 / len(pcm)))
-    return np.tile(pcm, reps)[: int(seconds * 24000)]
+from jmoshi_server.client import chat_url, converse
 
 
 async def poll(url: str, stop: asyncio.Event) -> list[float]:
@@ -80,7 +64,7 @@ def main() -> None:
         server = None
         url = args.url
         if url is None:
-            server = ServerProcess(ensure_demo_checkpoint(), workdir / "server.log").wait_ready()
+            server = start_jmoshi(workdir / "server.log").wait_ready()
             url = server.url
         try:
             out = asyncio.run(measure(url, pcm))
@@ -89,8 +73,7 @@ def main() -> None:
                 server.stop()
     lat, result, status = out["latencies"], out["result"], out["status"]
     steps = status.get("step_ms_p50", {})
-    cores = len(os.sched_getaffinity(0))
-    print(f"machine: {platform.node()} ({platform.machine()}, {cores} cores)")
+    print(machine_line())
     print(f"model: {status.get('model')} on {status.get('device')} ({status.get('dtype')})")
     print(
         f"session: {len(pcm) / 24000:.1f} s in, {len(result.audio) / 24000:.1f} s out, "

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import __version__, recordings, security
+from . import __version__, metrics, recordings, security
 from .checkpoint import CheckpointError, load_model
 from .config import Config
 from .engine import Engine
@@ -73,7 +73,13 @@ async def load_engine(state: ServerState) -> None:
     except CheckpointError as exc:
         state.phase, state.failure = "failed", str(exc)
         raise
-    engine = Engine(model, Sampling.defaults(config), config.warmup_frames)
+    engine = Engine(
+        model,
+        Sampling.defaults(config),
+        config.warmup_frames,
+        step_delay_ms=config.bench_step_delay_ms,
+        torch_threads=config.torch_threads,
+    )
     engine.start()
     state.engine = engine
     state.phase = "warming_up"
@@ -179,6 +185,7 @@ def create_app(config: Config) -> web.Application:
     app[STATE] = ServerState(config)
     static_dir = config.static_dir or bundled_static_dir()
     app[STATIC_DIR] = static_dir
+    metrics.install(app, app[STATE])  # /metrics, before the static catch-all at /
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/api/status", api_status)

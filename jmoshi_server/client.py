@@ -40,6 +40,7 @@ class ChatResult:
     first_audio_seconds: float | None = None  # first input page sent -> first audio received
     close_code: int | None = None
     audio_messages: int = 0
+    stats: list[dict] = field(default_factory=list)  # the server's 0x08 stats messages, in order
 
     @property
     def error_codes(self) -> list[str]:
@@ -82,6 +83,8 @@ class _Conversation:
             result.metadata = json.loads(payload)
         elif kind == Kind.ERROR:
             result.errors.append(json.loads(payload))
+        elif kind == Kind.STATS:
+            result.stats.append(json.loads(payload))
         elif kind == Kind.TEXT:
             piece = payload.decode("utf-8")
             result.text += piece

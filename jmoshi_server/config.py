@@ -59,6 +59,25 @@ class Config:
         "Most audio queued for the model; older input beyond it is dropped so latency stays bounded.",
         240,
     )
+    stats_interval_seconds: float = _opt(
+        "How often a session gets a stats message (kind 0x08: step times, drops, real time or not; "
+        "docs/protocol-stats.md). 0 = never.",
+        1.0,
+    )
+    torch_threads: int = _opt(
+        "CPU threads torch may use for the model (0 = auto: one fewer than the cores, at least 1, "
+        "so the event loop and Opus keep a core; see docs/benchmarks.md).",
+        0,
+    )
+    bench_step_delay_ms: float = _opt(
+        "Benchmarks only: sleep this long in every model step, to imitate a GPU too slow for real "
+        "time (bench/slow_model.py). Never set it for real use.",
+        0.0,
+    )
+    bench_trace_dir: Path | None = _opt(
+        "Benchmarks only: when a session ends, write its per-frame timestamps here as JSON lines "
+        "(bench/vs_moshi_server.py)."
+    )
     max_message_bytes: int = _opt("Largest WebSocket message accepted.", 1 << 20)
     max_session_seconds: int = _opt("End a session after this long (0 = unlimited).", 600)
     idle_seconds: int = _opt(
@@ -264,6 +283,8 @@ def validate(config: Config) -> list[str]:
         problems.append("--max-message-bytes must be at least 1024")
     if config.input_budget_ms < 80:
         problems.append("--input-budget-ms must be at least one frame (80)")
+    if config.stats_interval_seconds < 0 or config.bench_step_delay_ms < 0 or config.torch_threads < 0:
+        problems.append("--stats-interval-seconds, --torch-threads and --bench-step-delay-ms must be >= 0")
     if config.max_session_seconds < 0:
         problems.append("--max-session-seconds must be >= 0")
     if config.idle_seconds < 0:

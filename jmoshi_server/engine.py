@@ -17,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import itertools
 import logging
+import os
 import random
 import threading
 import time
@@ -60,12 +62,18 @@ class FrameResult:
     """The model's answer to one input frame. ``pcm`` is None while the LM warms its delays.
 
     ``pcm_in`` is the input frame the model consumed for this step (what recordings keep).
+    The ``*_at`` stamps are ``time.perf_counter()`` values: when the input frame's message was
+    received (as given to ``push``), when the model thread took the frame and when its step
+    ended. They let the session measure what the server adds around the model (stats.py).
     """
 
     pcm: np.ndarray | None
     text_token: int | None
     timings: StepTimings
     pcm_in: np.ndarray | None = None
+    received_at: float | None = None
+    started_at: float = 0.0
+    finished_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -114,6 +122,7 @@ class EngineSession:
     _inputs: collections.deque = field(default_factory=collections.deque)
     _cond: threading.Condition = field(default_factory=threading.Condition)
     _closed: bool = False
+    taken_received_at: float | None = None  # model thread: received_at of the frame it took last
     ready: asyncio.Future = field(init=False)
 
     def __post_init__(self) -> None:
@@ -123,13 +132,16 @@ class EngineSession:
     def age_seconds(self) -> float:
         return time.monotonic() - self.started_at
 
-    def push(self, frame: np.ndarray) -> int:
-        """Queue one 1920-sample frame; returns how many old frames were dropped for it."""
+    def push(self, frame: np.ndarray, received_at: float | None = None) -> int:
+        """Queue one 1920-sample frame; returns how many old frames were dropped for it.
+
+        ``received_at`` (``time.perf_counter()``) comes back on the frame's FrameResult.
+        """
         dropped = 0
         with self._cond:
             if self._closed:
                 return 0
-            self._inputs.append(frame)
+            self._inputs.append((frame, received_at))
             self.frames_in += 1
             while len(self._inputs) > self.frame_budget:
                 self._inputs.popleft()
@@ -150,13 +162,15 @@ class EngineSession:
         return self._closed
 
     def _next_frame(self) -> np.ndarray | None:
-        """Model thread: the oldest queued frame, or None once the session is closed."""
+        """Model thread: the oldest queued frame (its ``received_at`` goes to ``taken_received_at``),
+        or None once the session is closed."""
         with self._cond:
             while not self._inputs and not self._closed:
                 self._cond.wait(_POLL_SECONDS)
             if self._closed:
                 return None
-            return self._inputs.popleft()
+            frame, self.taken_received_at = self._inputs.popleft()
+            return frame
 
     def _post(self, item: FrameResult | SessionEnd) -> None:
         """Model thread: hand a result to the event loop."""
@@ -182,10 +196,20 @@ class EngineStats:
 class Engine:
     """Owns the model and its thread; sessions claim it one at a time."""
 
-    def __init__(self, model: LoadedModel, default_sampling: Sampling, warmup_frames: int = 4) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        default_sampling: Sampling,
+        warmup_frames: int = 4,
+        step_delay_ms: float = 0.0,
+        torch_threads: int = 0,
+    ) -> None:
         self.model = model
         self.default_sampling = default_sampling
         self.warmup_frames = warmup_frames
+        # Benchmarks only (--bench-step-delay-ms): imitate an LM too slow for real time.
+        self.step_delay_s = step_delay_ms / 1000
+        self.torch_threads = resolve_torch_threads(torch_threads)
         self.lm_gen = LMGen(
             model.lm,
             temp=default_sampling.audio_temperature,
@@ -247,6 +271,8 @@ class Engine:
     # ---- model thread ------------------------------------------------------------------
 
     def _run(self) -> None:
+        # On the model thread itself: with OpenMP the thread count is per calling thread.
+        torch.set_num_threads(self.torch_threads)
         # On CPU moshi's small torch.compile fusions cost ~20 s of compiling at warm-up and
         # gain nothing measurable; on CUDA they stay on.
         on_cpu = self.model.device.type == "cpu"
@@ -313,7 +339,14 @@ class Engine:
             session._set_ready(True)
             first = True
             while (frame := session._next_frame()) is not None:
+                started_at = time.perf_counter()
                 result = self._step(frame, discard_encoder_state=first)
+                result = dataclasses.replace(
+                    result,
+                    received_at=session.taken_received_at,
+                    started_at=started_at,
+                    finished_at=time.perf_counter(),
+                )
                 first = False
                 self.stats.frames_processed += 1
                 self.stats.recent_steps.append(result.timings)
@@ -373,6 +406,8 @@ class Engine:
             # left-padded, so the encoder state is reset to re-apply the padding next frame.
             model.mimi.reset_streaming()
         clock.mark()
+        if self.step_delay_s:
+            time.sleep(self.step_delay_s)
         tokens = self.lm_gen.step(codes[:, :, :1])
         clock.mark()
         pcm_out = None
@@ -386,6 +421,18 @@ class Engine:
             clock.mark()
         encode_ms, lm_ms, decode_ms = clock.spans_ms()
         return FrameResult(pcm_out, text_token, StepTimings(encode_ms, lm_ms, decode_ms), frame)
+
+
+def resolve_torch_threads(requested: int = 0) -> int:
+    """Torch CPU threads for the model: ``requested``, or for 0 one fewer than the cores.
+
+    On a 2-core machine torch's default (one thread per core) lets the model's OpenMP threads
+    spin on the core the event loop and Opus need; bench/frame_loop.py --threads compares.
+    """
+    if requested > 0:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 def _resolve(future: asyncio.Future, value: object) -> None:

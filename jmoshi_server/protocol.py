@@ -24,6 +24,8 @@ class Kind(enum.IntEnum):
     ERROR = 0x05  # server -> client: UTF-8 JSON {"code": ..., "message": ...}
     PING = 0x06  # client -> server keep-alive in Kyutai's client; ignored
     COLORED_TEXT = 0x07  # not sent by this server
+    # Ours, after Kyutai's kinds; their client skips unknown kinds. docs/protocol-stats.md.
+    STATS = 0x08  # server -> client: UTF-8 JSON about once a second (step times, drops, realtime)
 
 
 # Kinds a real moshi client may send that carry nothing for us: accepted silently.

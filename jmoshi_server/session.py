@@ -11,16 +11,18 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from dataclasses import dataclass
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from . import protocol, recordings
+from . import metrics, protocol, recordings
 from .audio import BadAudio, OpusEncoder, OpusFrameDecoder
 from .config import Config
 from .engine import Engine, EngineSession, FrameResult, SessionEnd
 from .protocol import ErrorCode, Kind, ParameterError, Sampling
 from .sendlag import SendLag
+from .stats import SessionMeter
 from .text import Detokenizer
 
 log = logging.getLogger(__name__)
@@ -99,6 +101,7 @@ class ChatSession:
         self.send_lag = SendLag(request.transport)
         self._stop = asyncio.Event()  # set by shut_down()
         self.finished = asyncio.Event()
+        self.meter = SessionMeter(metrics.of(request.app), trace=config.bench_trace_dir is not None)
 
     # ---- helpers -----------------------------------------------------------------------
 
@@ -139,6 +142,7 @@ class ChatSession:
     async def refuse(self, code: ErrorCode, message: str, close_code: int, **extra: object) -> None:
         """Answer and close without ever taking the model."""
         self.log.info("refused (%s): %s", code, message)
+        self.meter.ended(code, None)
         await _refuse(self.ws, code, message, close_code, **extra)
 
     def _end(self, code: ErrorCode | None, message: str, close_code: int = WSCloseCode.OK) -> None:
@@ -204,6 +208,7 @@ class ChatSession:
         await self._send(protocol.encode_json(Kind.METADATA, self._metadata()))
         self.log.info("session started (seed %d, %s)", claim.seed, claim.sampling)
         self.last_audio = asyncio.get_running_loop().time()
+        self.meter.started()
         # The session ends when the client stops, the sender stops, or the model thread is
         # done with it (an error, or a client too slow to read), whichever comes first.
         tasks = {
@@ -214,6 +219,10 @@ class ChatSession:
         }
         if self.config.idle_seconds:
             tasks.add(asyncio.create_task(self._idle_watch()))
+        if self.config.stats_interval_seconds > 0:
+            tasks.add(
+                asyncio.create_task(self.meter.send_every(self.config.stats_interval_seconds, self._send))
+            )
         limit = self.config.max_session_seconds or None
         done, _ = await asyncio.wait(tasks, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
         if not done:
@@ -273,6 +282,11 @@ class ChatSession:
         )
         if ending.code is not None:
             self.log.warning("%s: %s", ending.code, ending.message)
+        self.meter.ended(ending.code, claim.age_seconds if claim else None)
+        if self.config.bench_trace_dir is not None:
+            await asyncio.to_thread(
+                self.meter.write_trace, self.config.bench_trace_dir / f"session-{self.id}.jsonl"
+            )
         await _bounded_close(self.ws, ending.close_code, str(ending.code or "bye").encode())
         self.finished.set()
 
@@ -309,13 +323,16 @@ class ChatSession:
         kind, payload = data[0], data[1:]
         if kind == Kind.AUDIO:
             self.last_audio = asyncio.get_running_loop().time()
+            received_at = time.perf_counter()
             try:
                 frames = self.decoder.feed(payload)
             except BadAudio as exc:
                 self._end(ErrorCode.BAD_AUDIO, str(exc), WSCloseCode.UNSUPPORTED_DATA)
                 return False
             for frame in frames:
-                self.recording.on_dropped(self.claim.push(frame))  # type: ignore[union-attr]
+                dropped = self.claim.push(frame, received_at)  # type: ignore[union-attr]
+                self.recording.on_dropped(dropped)
+                self.meter.queued(dropped)
             return True
         if kind in protocol.IGNORED_CLIENT_KINDS:
             return True
@@ -343,11 +360,14 @@ class ChatSession:
 
     async def _send_loop(self) -> None:
         while (result := await self.results.get()) is not None:
+            sent_at = None
             if result.pcm is not None:
                 ogg = self.encoder.encode(result.pcm)
                 self.frames_out += 1
                 if ogg:
                     await self._send(protocol.encode(Kind.AUDIO, ogg))
+                    sent_at = time.perf_counter()
+            self.meter.handled(result, sent_at)
             if result.text_token is not None:
                 text = self.detokenizer.push(result.text_token)
                 if text:
@@ -406,6 +426,8 @@ async def refuse_chat(
     ws = ChatSocket(max_msg_size=config.max_message_bytes)
     await ws.prepare(request)
     log.info("[%s] refused (%s): %s", request.remote, code, message)
+    if (app_metrics := metrics.of(request.app)) is not None:
+        app_metrics.session_ended(code, None)
     await _refuse(ws, code, message, WSCloseCode.TRY_AGAIN_LATER)
     return ws
 
