@@ -203,7 +203,9 @@ async def test_each_app_has_its_own_registry_and_counts_not_ready(demo_dir, monk
 
 def _result(steps: tuple[float, float, float], received: float, started: float, finished: float):
     pcm = np.zeros(1920, np.float32)
-    return FrameResult(pcm, 3, StepTimings(*steps), received, started, finished)
+    return FrameResult(
+        pcm, 3, StepTimings(*steps), received_at=received, started_at=started, finished_at=finished
+    )
 
 
 def test_meter_window_percentiles_realtime_and_server_added():
