@@ -111,8 +111,12 @@ class ChatSession:
 
     async def _send(self, data: bytes) -> None:
         """Send one message; a client that does not read for too long is cut off."""
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the task's own
+        # cancellation when the send completes at the same moment, and the sender then runs on
+        # (waiting for results that never come) while the session waits for it to stop.
         try:
-            await asyncio.wait_for(self.ws.send_bytes(data), SEND_TIMEOUT_S)
+            async with asyncio.timeout(SEND_TIMEOUT_S):
+                await self.ws.send_bytes(data)
         except TimeoutError:
             self._slow_consumer(f"a send waited more than {SEND_TIMEOUT_S:.0f} s for the client")
             raise ConnectionResetError("the client stopped reading") from None
@@ -196,7 +200,9 @@ class ChatSession:
     async def _converse(self) -> None:
         claim = self.claim
         assert claim is not None
-        if not await asyncio.wait_for(asyncio.shield(claim.ready), READY_TIMEOUT_S):
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            ready = await asyncio.shield(claim.ready)
+        if not ready:
             self._end(
                 ErrorCode.INTERNAL, "the model could not start this session", WSCloseCode.INTERNAL_ERROR
             )
@@ -266,7 +272,8 @@ class ChatSession:
         if self.claim is not None:
             self.claim.close()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.engine_done.wait(), ENGINE_RELEASE_TIMEOUT_S)
+                async with asyncio.timeout(ENGINE_RELEASE_TIMEOUT_S):
+                    await self.engine_done.wait()
         ending = self.ending or Ending(None, "normal")
         await self.recording.finish(str(ending.code or "normal"), ending.message)
         if ending.code is not None and not self.ws.closed:
@@ -379,7 +386,8 @@ async def _refuse(
     ws: web.WebSocketResponse, code: ErrorCode, message: str, close_code: int, **extra: object
 ) -> None:
     with contextlib.suppress(ConnectionError, RuntimeError, TimeoutError):
-        await asyncio.wait_for(ws.send_bytes(protocol.encode_error(code, message, **extra)), SEND_TIMEOUT_S)
+        async with asyncio.timeout(SEND_TIMEOUT_S):
+            await ws.send_bytes(protocol.encode_error(code, message, **extra))
     await _bounded_close(ws, close_code, str(code).encode())
 
 
@@ -389,7 +397,8 @@ async def _bounded_close(ws: web.WebSocketResponse, code: int, message: bytes = 
     if ws.closed:
         return
     try:
-        await asyncio.wait_for(ws.close(code=code, message=message), CLOSE_TIMEOUT_S)
+        async with asyncio.timeout(CLOSE_TIMEOUT_S):
+            await ws.close(code=code, message=message)
     except TimeoutError:
         _abort(ws)
 
@@ -407,7 +416,8 @@ async def shut_down_socket(ws: web.WebSocketResponse) -> None:
     if session is not None:
         session.shut_down()
         try:
-            await asyncio.wait_for(session.finished.wait(), SHUTDOWN_WAIT_S)
+            async with asyncio.timeout(SHUTDOWN_WAIT_S):
+                await session.finished.wait()
         except TimeoutError:
             _abort(ws)  # its sends and close fail at once; a recording finishes in the background
         return
