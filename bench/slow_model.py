@@ -10,7 +10,7 @@ speech in real time. Two variants in one run:
   the queue (and the delay of every answer) grows without end, as moshi.server's does.
 
 Latency here is per answered frame, from server timestamps (--bench-trace-dir): input
-message received -> its answer sent. Reported for the first and the last 5 s of the session.
+message received -> its answer sent, for the answers sent in the first and in the last 5 s.
 
     python bench/slow_model.py                       # 20 s, 100 ms delay per step
     python bench/slow_model.py --delay-ms 60 --seconds 60
@@ -54,11 +54,12 @@ def run_variant(name: str, args, pcm: np.ndarray, workdir: Path) -> dict:
     trace_file = next(trace_dir.glob("session-*.jsonl"))
     trace = [json.loads(line) for line in trace_file.read_text().splitlines()]
     answered = [r for r in trace if r["sent"] is not None]
-    t0 = answered[0]["received"] if answered else 0.0
-    latency = [((r["sent"] - r["received"]) * 1000, r["received"] - t0) for r in answered]
-    seconds = len(pcm) / 24000
+    # Latency of each answer, by when it was sent: does it grow as the session goes on?
+    t0 = answered[0]["sent"] if answered else 0.0
+    latency = [((r["sent"] - r["received"]) * 1000, r["sent"] - t0) for r in answered]
+    last = latency[-1][1] if latency else 0.0
     early = [ms for ms, at in latency if at < 5]
-    late = [ms for ms, at in latency if at >= seconds - 5]
+    late = [ms for ms, at in latency if at >= last - 5]
     stats = chat.stats
     return {
         "frames_in": int(metrics.get("jmoshi_input_frames_total", 0)),
@@ -96,9 +97,19 @@ def report(results: dict[str, dict], args, seconds: float) -> None:
             "frames dropped (stats message / metric)",
             *col(lambda r: f"{r['dropped_stats']} / {fmt(r['dropped_metric'], 0)}"),
         ],
+        [
+            "input frames never answered (still queued at the end)",
+            *col(lambda r: r["frames_in"] - r["stepped"] - int(r["dropped_metric"] or 0)),
+        ],
         ["audio out / audio in", *col(lambda r: fmt(r["out_in"], 2))],
-        ["latency, first 5 s (ms p50 / max)", *col(lambda r: _p50_max(r["latency_early"]))],
-        ["latency, last 5 s (ms p50 / max)", *col(lambda r: _p50_max(r["latency_late"]))],
+        [
+            "latency of answers sent in the first 5 s (ms p50 / max)",
+            *col(lambda r: _p50_max(r["latency_early"])),
+        ],
+        [
+            "latency of answers sent in the last 5 s (ms p50 / max)",
+            *col(lambda r: _p50_max(r["latency_late"])),
+        ],
         ["latency, whole session (ms p99)", *col(lambda r: fmt(pct(r["latency_all"], 99), 0))],
     ]
     print(table(["", *names], rows))

@@ -21,6 +21,7 @@ for its warm-up; LM in float32 like ours on CPU; NO_TORCH_COMPILE=1 as our engin
 
     python bench/vs_moshi_server.py                         # 20 s sessions, 2 rounds
     python bench/vs_moshi_server.py --variants jmoshi,jmoshi-2threads,moshi.server
+    python bench/vs_moshi_server.py --hog 1                 # with a busy process sharing the CPU
     python bench/vs_moshi_server.py --smoke                 # 2 s, 1 round (the tests run this)
 
 Targets: jmoshi-server GET p99 under 10 ms; server-added latency p99 at most 2 ms.
@@ -46,11 +47,14 @@ import numpy as np
 from benchlib import (
     TimedChat,
     chat_url,
+    fetch_text,
     fmt,
     free_port,
+    histogram_quantile,
     machine_line,
     pct,
     poll_get,
+    prom_values,
     speech,
     start_jmoshi,
     table,
@@ -60,6 +64,7 @@ from benchlib import (
 from jmoshi_server.demo import MIMI_CONFIG_NAME, ensure_demo_checkpoint
 
 HERE = Path(__file__).resolve().parent
+LOOP_LAG = "jmoshi_event_loop_lag_seconds"
 HANDLED = re.compile(r"frame handled in ([0-9.]+) ?ms")
 
 # name -> (kind, extra flags for jmoshi-server)
@@ -174,12 +179,17 @@ def run_once(name: str, demo_dir: Path, workdir: Path, pcm: np.ndarray) -> dict:
     try:
         server.wait_ready()
         ready_s = time.perf_counter() - started
+        before = prom_values(fetch_text(server.url + "/metrics")) if kind == "jmoshi" else {}
         chat, gets = asyncio.run(session(server.url, poll_path, pcm))
         time.sleep(0.5)  # let the server finish writing its trace / log
+        after = prom_values(fetch_text(server.url + "/metrics")) if kind == "jmoshi" else {}
         log_text = server.log_text()
     finally:
         server.stop()
-    run = {"ready_s": ready_s, "chat": chat, "gets": gets}
+    run = {"ready_s": ready_s, "chat": chat, "gets": gets, "loop_lag": None}
+    if kind == "jmoshi":  # the server's own event-loop lag metric, this session only
+        lag = {k: v - before.get(k, 0.0) for k, v in after.items() if k.startswith(LOOP_LAG)}
+        run["loop_lag"] = {q: histogram_quantile(lag, LOOP_LAG, q) for q in (0.5, 0.99)}
     if kind == "jmoshi":
         trace = read_trace(trace_dir)
         run["model_ms"] = [(r["finished"] - r["started"]) * 1000 for r in trace]
@@ -224,8 +234,29 @@ def merge(runs: list[dict]) -> dict:
         out["ratio"].append(run["chat"].out_in_ratio)
         out["dropped"].append(run["dropped"])
         out["lag"].append(run["lag"])
+        out["loop_lag"].append(run["loop_lag"])
         out["errors"] += run["chat"].errors
     return dict(out)
+
+
+def per_round(runs: dict[str, list[dict]]) -> None:
+    """GET p99 and server-added p99 of every session: how much one run varies from the next."""
+    rows = []
+    for name, name_runs in runs.items():
+        for index, run in enumerate(name_runs):
+            added = run["added_ms"] or run["client_added_ms"]
+            gets = run["gets"]
+            rows.append([name, index + 1, fmt(pct(gets, 99), 2), fmt(max(gets), 1), fmt(pct(added, 99), 2)])
+    print(table(["variant", "round", "GET p99 ms", "GET max ms", "server-added p99 ms [4]"], rows))
+    print("[4] jmoshi: server timestamps; moshi.server: client estimate (- when not pairable)")
+    print()
+
+
+def _lags(result: dict) -> str:
+    lags = [lag for lag in result["loop_lag"] if lag]
+    if not lags:
+        return "n/a"
+    return ", ".join(f"{fmt((lag[0.5] or 0) * 1000, 1)} / {fmt((lag[0.99] or 0) * 1000, 1)}" for lag in lags)
 
 
 def report(results: dict[str, dict], args) -> dict:
@@ -233,6 +264,7 @@ def report(results: dict[str, dict], args) -> dict:
     print(
         f"model: demo checkpoint on cpu (float32) in both; {args.seconds:g} s of speech per session, "
         f"{args.rounds} round(s), GET every 20 ms during each session"
+        + (f"; {args.hog} busy-loop process(es) sharing the CPU" if args.hog else "")
     )
     print()
     names = list(results)
@@ -259,6 +291,7 @@ def report(results: dict[str, dict], args) -> dict:
         ],
         ["GET every 20 ms (ms p50 / p99)", *(p50_99(results[n]["gets"], 2) for n in names)],
         ["GET max (ms)", *(fmt(max(results[n]["gets"], default=float("nan")), 1) for n in names)],
+        ["event-loop lag, server metric (ms p50 / p99, per round) [3]", *(_lags(results[n]) for n in names)],
         ["input frames dropped", *(",".join(str(d) for d in results[n]["dropped"]) for n in names)],
     ]
     print(table(["", *names], rows))
@@ -266,6 +299,7 @@ def report(results: dict[str, dict], args) -> dict:
     print("[1] jmoshi-server: model thread time per frame (encode + LM + decode). moshi.server: its log's")
     print("    'frame handled in', which also includes its Opus encode and send.")
     print("[2] round trip - [1], paired per frame; includes loopback network both ways and the Opus decode.")
+    print("[3] jmoshi_event_loop_lag_seconds during the session: how late a 100 ms sleep woke (bucketed).")
     summary = {}
     for n in names:
         r = results[n]
@@ -294,6 +328,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seconds", type=float, default=20.0, help="speech per session")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--variants", default="jmoshi,moshi.server", help=f"from {', '.join(VARIANTS)}")
+    parser.add_argument(
+        "--hog",
+        type=int,
+        default=0,
+        help="busy-loop processes kept running during the sessions (another app, or the browser, "
+        "sharing the CPU)",
+    )
     parser.add_argument("--smoke", action="store_true", help="2 s sessions, 1 round")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -307,10 +348,20 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         pcm = speech(args.seconds, workdir)
-        for r in range(args.rounds):
-            for name in names if r % 2 == 0 else list(reversed(names)):
-                runs[name].append(run_once(name, demo_dir, workdir, pcm))
-    return report({n: merge(runs[n]) for n in names}, args)
+        hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.hog)]
+        try:
+            for r in range(args.rounds):
+                for name in names if r % 2 == 0 else list(reversed(names)):
+                    runs[name].append(run_once(name, demo_dir, workdir, pcm))
+        finally:
+            for hog in hogs:
+                hog.kill()
+                hog.wait()
+    summary = report({n: merge(runs[n]) for n in names}, args)
+    if args.rounds > 1:
+        print()
+        per_round(runs)
+    return summary
 
 
 if __name__ == "__main__":
