@@ -246,8 +246,8 @@ async def test_sigterm_during_recorded_session_finishes_the_recording(start_serv
     async with aiohttp.ClientSession() as http:
         chat = await Chat.open(http, server, record=1)
         url = chat.meta["recording_url"]
-        streaming = asyncio.create_task(chat.stream(np.tile(speech_pcm, 3)))
-        await asyncio.sleep(2.0)
+        streaming = asyncio.create_task(chat.stream(np.tile(speech_pcm, 5)))
+        await wait_until(lambda: status(server)["frames_processed"] >= 12, 60, "1 s of model time")
         signalled = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         await chat.ended(timeout=15)
