@@ -8,7 +8,7 @@ the model fell behind is not in it (the transcript says where), and the model's 
 where it was produced, with the same lag the user heard.
 
 Crash safety: frames are buffered on the event loop (appending to a list, nothing else)
-and written every ``FLUSH_SECONDS`` by a worker thread (never the model's), which also
+and written every ``FLUSH_SECONDS`` by the disk thread (``DISK``, never the model's), which also
 rewrites the WAV header's two sizes to the data written so far and fsyncs both files. A
 ``kill -9`` therefore loses at most ``FLUSH_SECONDS`` plus one write; ``repair`` (run at
 start-up) fixes the header from the file's length and closes the transcript.
@@ -30,7 +30,7 @@ import numpy as np
 
 from .engine import FRAME_SAMPLES, FRAME_SECONDS, SAMPLE_RATE, FrameResult
 from .text import Detokenizer
-from .threads import in_daemon_thread
+from .threads import DaemonWorker
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ FLUSH_SECONDS = 0.5
 MAX_BACKLOG_FRAMES = round(30 / FRAME_SECONDS)  # 30 s not yet on disk: the disk is too slow
 WAV_SUFFIX = ".wav"
 TRANSCRIPT_SUFFIX = ".jsonl"
+DISK = DaemonWorker("jmoshi-disk")  # every recording write, in order, off the loop and the model
 ALIGNMENT = (
     "one 80 ms slot per model step: left = the input frame the model consumed at that step, "
     "right = the audio it produced at that step (silence while its acoustic delay fills); "
@@ -156,7 +157,7 @@ class Recorder:
             frame_seconds=FRAME_SECONDS,
             alignment=ALIGNMENT,
         )
-        await in_daemon_thread(recorder._open, _line(start))
+        await DISK.run(recorder._open, _line(start))
         recorder._task = asyncio.create_task(recorder._run(), name=f"recorder {files.wav.stem}")
         return recorder
 
@@ -240,7 +241,7 @@ class Recorder:
         if self.error:
             end["recording_error"] = self.error
         try:
-            await in_daemon_thread(self._finalise, _line(end))
+            await DISK.run(self._finalise, _line(end))
         except OSError as exc:
             log.error("recording %s could not be finalised: %s", self.files.wav.stem, exc)
 
@@ -250,7 +251,7 @@ class Recorder:
         if not frames and not lines:
             return
         try:
-            await in_daemon_thread(self._write, frames, lines)
+            await DISK.run(self._write, frames, lines)
         except OSError as exc:
             self._fail(f"write failed: {exc}")
 

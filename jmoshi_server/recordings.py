@@ -33,9 +33,16 @@ from aiohttp import web
 from .config import Config
 from .engine import FRAME_SECONDS, FrameResult, SessionEnd
 from .protocol import ParameterError
-from .recorder import TRANSCRIPT_SUFFIX, WAV_SUFFIX, Recorder, RecordingFiles, read_transcript, repair
+from .recorder import (
+    DISK,
+    TRANSCRIPT_SUFFIX,
+    WAV_SUFFIX,
+    Recorder,
+    RecordingFiles,
+    read_transcript,
+    repair,
+)
 from .text import Detokenizer
-from .threads import in_daemon_thread
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +50,7 @@ ROUTE_PREFIX = "/api/recordings/"
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")  # secrets.token_urlsafe(32)
 _STEM = re.compile(r"[0-9a-f]{64}")
 PRUNE_INTERVAL_S = 600.0
+START_WAIT_S = 5.0  # creating the files; a disk that does not answer means no recording
 FINISH_WAIT_S = 5.0  # a session waits this long for its recording to close before closing anyway
 SHUTDOWN_WAIT_S = 3.0  # at exit, for recordings still closing (a very slow disk)
 _YES = {"1", "true", "yes", "on"}
@@ -180,7 +188,7 @@ class RecordingStore:
     async def prune_now(self) -> None:
         async with self._prune_lock:
             try:
-                await in_daemon_thread(self.prune)
+                await DISK.run(self.prune)
             except OSError as exc:
                 log.error("recordings retention failed: %s", exc)
 
@@ -202,13 +210,13 @@ class RecordingStore:
         part = request.query.get("part", "audio")
         if part == "transcript":
             try:
-                body = await in_daemon_thread(read_transcript, files.transcript)
+                body = await DISK.run(read_transcript, files.transcript)
             except FileNotFoundError:
                 raise web.HTTPNotFound(headers=PRIVATE) from None
             return web.json_response(body, headers=PRIVATE, dumps=_dumps)
         if part != "audio":
             raise web.HTTPBadRequest(text="part must be audio or transcript", headers=PRIVATE)
-        if not await in_daemon_thread(files.wav.is_file):
+        if not await DISK.run(files.wav.is_file):
             raise web.HTTPNotFound(headers=PRIVATE)
         name = f"jmoshi-recording-{stem[:8]}.wav"
         headers = {**PRIVATE, "Content-Disposition": f'attachment; filename="{name}"'}
@@ -225,8 +233,8 @@ RECORDINGS = web.AppKey("recordings", RecordingStore)
 async def _recordings_ctx(app: web.Application):
     store = app[RECORDINGS]
     try:
-        await in_daemon_thread(store.repair_all)
-        await in_daemon_thread(store.prune)
+        await DISK.run(store.repair_all)
+        await DISK.run(store.prune)
     except OSError as exc:
         log.error("recordings directory %s: %s", store.directory, exc)
     pruner = asyncio.create_task(store._prune_periodically())
@@ -268,10 +276,11 @@ class SessionRecording:
             self.error = "recording is turned off on this server"
             return
         try:
-            token, self.recorder = await store.start(detokenizer, header)
-        except OSError as exc:
+            token, self.recorder = await asyncio.wait_for(store.start(detokenizer, header), START_WAIT_S)
+        except (OSError, TimeoutError) as exc:
             self.error = "the server cannot record right now"
-            session_log.error("cannot start a recording in %s: %s", store.directory, exc)
+            why = exc if isinstance(exc, OSError) else f"the disk did not answer in {START_WAIT_S:.0f} s"
+            session_log.error("cannot start a recording in %s: %s", store.directory, why)
             return
         self.url = ROUTE_PREFIX + token
         session_log.info("recording to %s…", self.recorder.files.wav.stem[:8])

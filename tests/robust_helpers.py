@@ -89,3 +89,42 @@ def wav_header_consistent(path: Path) -> bool:
 
 def transcript_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+async def session_works(server, timeout: float = 60.0) -> None:
+    """A normal session: handshake, real-time audio in, model audio back, no error.
+
+    Waits for the model's audio however long a loaded machine takes (up to ``timeout``)
+    instead of streaming for a fixed time.
+    """
+    import aiohttp
+
+    from jmoshi_server.client import chat_url
+
+    messages = audio_messages(tone(30.0))
+    async with aiohttp.ClientSession() as http, http.ws_connect(chat_url(server.url)) as ws:
+        first = await ws.receive(timeout=timeout)
+        assert first.type == aiohttp.WSMsgType.BINARY and first.data == b"\x00", first
+        await ws.receive(timeout=timeout)  # metadata
+        got_audio = asyncio.Event()
+        errors: list[bytes] = []
+
+        async def read() -> None:
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.BINARY and msg.data[:1] == b"\x01":
+                    got_audio.set()
+                elif msg.type == aiohttp.WSMsgType.BINARY and msg.data[:1] == b"\x05":
+                    errors.append(msg.data)
+
+        reader = asyncio.create_task(read())
+        started = time.monotonic()
+        for i, message in enumerate(messages):
+            if got_audio.is_set() or reader.done() or time.monotonic() - started > timeout:
+                break
+            await ws.send_bytes(message)
+            await asyncio.sleep(max(0.0, started + (i + 1) * FRAME / SAMPLE_RATE - time.monotonic()))
+        assert got_audio.is_set(), f"no audio back within {timeout} s (errors: {errors})"
+        assert errors == [], errors
+        await ws.close()
+        await asyncio.wait_for(reader, 15)
+    await wait_free(server)

@@ -21,6 +21,7 @@ from robust_helpers import (
     audio_messages,
     get,
     proc_stats,
+    session_works,
     status,
     tone,
     wait_free,
@@ -30,7 +31,7 @@ from wsraw import OP_BINARY, RawWS
 
 import jmoshi_server.session as session_module
 from jmoshi_server.app import STATE, create_app
-from jmoshi_server.client import chat_url, converse
+from jmoshi_server.client import chat_url
 from jmoshi_server.config import parse_config
 
 SAMPLE_RATE = 24_000
@@ -43,9 +44,7 @@ def robust_server(start_server):
 
 async def works(server) -> None:
     """A normal session right after: no error, audio back."""
-    result = await converse(chat_url(server.url), tone(1.0), tail_seconds=0.8)  # real time: nothing dropped
-    assert result.errors == [] and result.audio.size > 0, result.errors
-    await wait_free(server)
+    await session_works(server)
 
 
 async def read_to_eof(ws: RawWS, timeout: float) -> None:
@@ -251,8 +250,9 @@ async def test_connection_burst_gets_busy_quickly_and_the_server_stays_healthy(r
     )
 
 
-async def _chat_until_end(server, seconds: float) -> tuple[list[dict], int | None, int]:
-    """Stream a tone in real time until the server ends the session; (errors, close code, audio)."""
+async def _chat_until_end(server, seconds: float = 60) -> tuple[list[dict], int | None, int]:
+    """Stream a tone in real time until the server ends the session (at most ``seconds``,
+    however slowly a loaded machine steps the model); (errors, close code, audio)."""
     errors: list[dict] = []
     audio = 0
     async with aiohttp.ClientSession() as http, http.ws_connect(chat_url(server.url)) as ws:
@@ -281,13 +281,13 @@ async def test_model_error_and_oom_end_the_session_and_the_next_one_works(start_
     # Steps count after warm-up; each failure is followed by 4 self-test steps.
     server = start_server("--input-budget-ms", "1500", env={"JMOSHI_FAULT_INJECT": "error@15,oom@40"})
     assert "test-only" in server.log_text()
-    errors, close, _ = await _chat_until_end(server, 6)
+    errors, close, _ = await _chat_until_end(server)
     assert [e["code"] for e in errors] == ["internal_error"]
     assert "injected fault: error@15" in errors[0]["message"]
     assert close == 1011
     await wait_free(server)
     assert get(server.url + "/readyz")[0] == 200
-    errors, close, _ = await _chat_until_end(server, 6)
+    errors, close, _ = await _chat_until_end(server)
     assert [e["code"] for e in errors] == ["internal_error"]
     assert "ran out of memory" in errors[0]["message"] and close == 1011
     await wait_free(server)
@@ -300,7 +300,7 @@ async def test_model_error_and_oom_end_the_session_and_the_next_one_works(start_
 
 async def test_broken_model_turns_readyz_503_and_says_why(start_server):
     server = start_server(env={"JMOSHI_FAULT_INJECT": "dead@10"})
-    errors, close, _ = await _chat_until_end(server, 3)
+    errors, close, _ = await _chat_until_end(server)
     assert [e["code"] for e in errors] == ["internal_error"] and close == 1011
     await wait_until(lambda: get(server.url + "/readyz")[0] == 503, 10, "/readyz turning 503")
     _, body, _ = get(server.url + "/readyz")
