@@ -3,7 +3,7 @@
 Both run on the event loop: per 80 ms frame sphn decodes in about 0.1 ms and encodes in
 about 1 ms on this project's 2-core dev machine, far below the loop's 10 ms responsiveness
 target, and doing it there keeps the model thread's critical path to the model alone
-(see bench/opus_placement.py).
+(measured in docs/benchmarks.md).
 """
 
 from __future__ import annotations
