@@ -91,8 +91,7 @@ class Config:
         True,
     )
     recordings_dir: Path | None = _opt(
-        "Where recordings are kept (default: $XDG_DATA_HOME/jmoshi-server/recordings, "
-        "i.e. ~/.local/share/jmoshi-server/recordings)."
+        "Where recordings are kept (default: the data dir's recordings/ folder)."
     )
     recordings_keep_days: float = _opt("Delete recordings older than this many days (0 = no age limit).", 7.0)
     recordings_max_mb: int = _opt(
@@ -138,10 +137,8 @@ class Config:
 
     @property
     def resolved_recordings_dir(self) -> Path:
-        if self.recordings_dir is not None:
-            return self.recordings_dir
-        data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-        return Path(data_home) / "jmoshi-server" / "recordings"
+        """Recordings live in the data dir unless placed elsewhere (the container's /data volume)."""
+        return self.recordings_dir or self.resolved_data_dir / "recordings"
 
     @property
     def resolved_dtype(self) -> str:

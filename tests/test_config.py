@@ -75,3 +75,11 @@ def test_bad_settings_exit_with_a_message(argv, env, needle, capsys):
         parse_config(argv, env=env)
     assert exc.value.code == 2
     assert needle in capsys.readouterr().err
+
+
+def test_recordings_live_in_the_data_dir_unless_placed_elsewhere(tmp_path):
+    config = parse_config(["--data-dir", str(tmp_path)], env={})
+    assert config.resolved_recordings_dir == tmp_path / "recordings"
+    assert config.resolved_data_dir / "tls" != config.resolved_recordings_dir
+    elsewhere = parse_config([], env={"JMOSHI_DATA_DIR": str(tmp_path), "JMOSHI_RECORDINGS_DIR": "/srv/rec"})
+    assert elsewhere.resolved_recordings_dir == Path("/srv/rec")
