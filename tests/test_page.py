@@ -96,6 +96,8 @@ def start_with_settings(alice: PageUnderTest, server) -> None:
     assert sampling["text_temperature"] == pytest.approx(0.55)
     assert sampling["text_topk"] == 25, "fields left empty must use the server's default"
     assert "seed 4242" in server.log_text()
+    assert alice.js("jmoshi.metadata.recording") is False, "no recording unless the box is checked"
+    assert not alice.page.is_visible("#recording")
     assert '"seed":"4242"' in alice.js("localStorage.getItem('jmoshi.settings.v1')")
 
 
@@ -206,6 +208,98 @@ def test_connection_lost_reconnect_then_session_limit(start_server, open_page):
     text = page.status_text()
     assert "会話の時間の上限に達しました" in text and "3 秒" in text, text
     assert page.page.is_enabled("#start") and page.page.is_disabled("#stop")
+
+
+# ---- recording and the stats message --------------------------------------------------------
+
+# The stats panel's step time as the page must render it from the last 0x08 message (p95 is only
+# in that message, not in /api/status), and its server-side drop count.
+STEP_FROM_STATS = """(() => {
+  const s = jmoshi.stats && jmoshi.stats.step_ms;
+  if (!s) return false;
+  const r = Math.round;
+  const want = `${r(s.p50.total)} ms（p95 ${r(s.p95.total)} ms・LM ${r(s.p50.lm)} ms）`;
+  return document.getElementById('stat-step').textContent === want;
+})()"""
+DROPS_FROM_STATS = """(() => jmoshi.stats && document.getElementById('stat-server-dropped')
+  .textContent.endsWith(`（${jmoshi.stats.dropped_frames} フレーム）`))()"""
+
+
+def test_recording_opt_in_download_and_stats_message(start_server, open_page, tmp_path):
+    """Record box checked: the server records, the page says so, and the files download after Stop.
+
+    The same conversation checks that the stats panel takes its server figures from the 0x08
+    stats message (and stops polling /api/status), with no slow-GPU warning on a fast server.
+    """
+    own = start_server("--recordings-dir", str(tmp_path / "rec"), "--input-budget-ms", "1500")
+    page = open_page(own.url + "/", **DESKTOP)
+    page.wait_state("ready")
+    assert not page.page.is_checked("#record"), "recording is off unless the person asks"
+    assert "ダウンロード" in page.page.inner_text("#record-note")
+    page.page.check("#record")
+    page.page.reload()
+    page.wait_state("ready")
+    assert page.page.is_checked("#record"), "the choice is remembered like the other settings"
+
+    page.page.click("#stats-toggle")
+    page.page.click("#start")
+    page.wait_state("talking")
+    metadata = page.wait_for(lambda: page.js("jmoshi.metadata"), "metadata")
+    assert metadata["recording"] is True, metadata
+    assert metadata["recording_url"].startswith("/api/recordings/")
+    assert page.page.is_visible("#recording") and "録音中" in page.page.inner_text("#recording")
+    assert page.page.is_disabled("#record"), "the box cannot change a conversation under way"
+
+    page.wait_for(lambda: page.js("jmoshi.counters.statsMessages") >= 1, "a stats message")
+    polls = sum("/api/status" in url for url in page.requests)
+    page.wait_for(lambda: page.js("jmoshi.counters.statsMessages") >= 4, "four stats messages", timeout=30)
+    page.wait_for(lambda: page.js(STEP_FROM_STATS), "the step time from the 0x08 message")
+    page.wait_for(lambda: page.js(DROPS_FROM_STATS), "the drop count from the 0x08 message")
+    assert sum("/api/status" in url for url in page.requests) <= polls + 1, "polling stops once 0x08 arrives"
+    assert page.js("jmoshi.stats.frame_ms") == 80
+    assert not page.js("jmoshi.slowWarning") and not page.page.is_visible("#slow-warning")
+    page.screenshot("page-recording-ja.png")
+
+    page.page.click("#stop")
+    page.wait_state("stopped")
+    assert not page.page.is_visible("#recording")
+    ready = "jmoshi.recordings.length === 1 && jmoshi.recordings[0].ready"
+    page.wait_for(lambda: page.js(ready), "the recording to be ready for download")
+    page.screenshot("page-recording-done-ja.png")
+    wav_url = page.page.eval_on_selector("#recording-list a.recording-wav", "a => a.href")
+    json_url = page.page.eval_on_selector("#recording-list a.recording-transcript", "a => a.href")
+    assert wav_url == own.url + metadata["recording_url"]
+    assert json_url == wav_url + "?part=transcript"
+    wav = page.context.request.get(wav_url)  # the page's cookies and origin
+    assert wav.status == 200
+    body = wav.body()
+    assert body[:4] == b"RIFF" and body[8:12] == b"WAVE" and len(body) > 44 + 1920 * 4
+    doc = page.context.request.get(json_url)
+    assert doc.status == 200
+    assert doc.json()["complete"] is True
+    assert not page.js("jmoshi.slowWarning"), "a normal demo server keeps up"
+
+
+def test_slow_gpu_warning(start_server, open_page):
+    """A server whose model steps slower than real time: the page says so in plain words."""
+    slow = start_server("--bench-step-delay-ms", "150")
+    page = open_page(slow.url + "/", **PHONE)
+    page.wait_state("ready")
+    assert not page.page.is_visible("#slow-warning")
+    page.page.tap("#start")
+    page.wait_state("talking")
+    page.wait_for(lambda: page.js("jmoshi.slowWarning"), "the slow-GPU warning", timeout=30)
+    assert page.page.is_visible("#slow-warning")
+    assert "このGPUでは処理が実時間に間に合っていません" in page.page.inner_text("#slow-warning")
+    stats = page.js("jmoshi.stats")
+    assert stats["realtime"] is False and stats["realtime_factor"] > 1, stats
+    assert page.js("jmoshi.counters.statsMessages") >= 3, "one slow message alone is not enough"
+    page.screenshot("page-slow-gpu-phone-ja.png")
+    page.page.tap("#lang-en")
+    assert "too slow for real time" in page.page.inner_text("#slow-warning")
+    page.page.tap("#stop")
+    page.wait_state("stopped")
+    slow.stop()
 
 
 # ---- states explained without a conversation --------------------------------------------

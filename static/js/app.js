@@ -22,6 +22,9 @@ const RECONNECT_DELAYS_S = [1, 2, 3, 5, 8, 10, 10, 10, 10, 10]; // about a minut
 const READY_POLL_MS = 2000;
 const STATUS_POLL_MS = 1000;
 const STATS_RENDER_MS = 250;
+const SLOW_AFTER = 3; // stats messages in a row that must agree before the slow-GPU warning changes
+const RECORDING_WAIT_MS = 10_000; // the recording is written moments after the socket closes
+const RECORDING_POLL_MS = 500;
 
 // States in which a conversation is under way or being set up: Stop is the way out.
 const ACTIVE = new Set(["connecting", "waiting", "talking", "busy", "reconnecting"]);
@@ -36,8 +39,12 @@ const wakeLock = new ScreenWakeLock();
 let view = { state: "checking", vars: {}, actions: [] };
 let session = null; // the current Session, or null
 let timer = null; // the one pending retry / countdown / poll
-let serverStatus = null;
+let serverStatus = null; // /api/status, polled only until the session's first 0x08 arrives
 let serverDroppedBase = null;
+let serverStats = null; // the current session's last 0x08 stats message
+let realtimeRun = { value: null, count: 0 }; // the latest run of equal `realtime` values
+let recordingError = null; // the current conversation's `recording_error`
+const recordings = []; // {url, at, ready: null | true | false}: this visit's finished recordings
 let reconnectAttempt = 0;
 let attemptId = 0; // bumped by Stop, so a microphone prompt answered after Stop connects nothing
 let headphonesSeen = storedItem("jmoshi.headphones") === "seen";
@@ -50,7 +57,20 @@ const debug = {
   metadata: null,
   errors: [],
   closeCodes: [],
-  counters: { sessions: 0, pagesSent: 0, bytesSent: 0, audioMessages: 0, textMessages: 0, unknownKinds: 0 },
+  stats: null, // the last 0x08 message
+  recordings,
+  counters: {
+    sessions: 0,
+    pagesSent: 0,
+    bytesSent: 0,
+    audioMessages: 0,
+    textMessages: 0,
+    statsMessages: 0,
+    unknownKinds: 0,
+  },
+  get slowWarning() {
+    return !$("slow-warning").hidden;
+  },
   get player() {
     return audio.playerStats;
   },
@@ -114,6 +134,7 @@ function render() {
   const focused = document.activeElement;
   $("start").disabled = ACTIVE.has(state) || BLOCKED.has(state);
   $("stop").disabled = !ACTIVE.has(state);
+  $("record").disabled = ACTIVE.has(state); // the choice applies from the next Start
   // Keyboard users keep their place: focus moves from the button that just got disabled to the other.
   if (focused?.disabled && (focused.id === "start" || focused.id === "stop")) {
     const other = $(focused.id === "start" ? "stop" : "start");
@@ -231,6 +252,9 @@ class Session {
     this.error = null; // the last fatal error the server sent
     this.timedOut = false;
     this.timers = [];
+    this.stats = false; // whether a 0x08 stats message arrived
+    this.recordingUrl = null;
+    this.closed = false;
   }
 
   send(page) {
@@ -243,6 +267,11 @@ class Session {
   close() {
     for (const id of this.timers) clearTimeout(id);
     if (this.ws.readyState <= WebSocket.OPEN) this.ws.close(1000, "bye");
+    if (this.closed) return;
+    this.closed = true;
+    // Every end (Stop, an error, a lost connection, a reconnect) leaves its recording to download.
+    $("recording").hidden = true;
+    if (this.recordingUrl) offerRecording(this.recordingUrl);
   }
 }
 
@@ -257,6 +286,10 @@ async function onStart() {
   if (!settings.validate()) return;
   clearTimer();
   if (transcript.lineCount > 0) transcript.note(t("transcript.newConversation"));
+  recordingError = null;
+  renderRecordingError();
+  $("slow-warning").hidden = true;
+  realtimeRun = { value: null, count: 0 };
   setState("connecting");
   wakeLock.acquire();
   const attempt = ++attemptId;
@@ -284,13 +317,15 @@ async function onStart() {
 function connect() {
   clearTimer();
   if (session) session.close();
-  const { params } = settings.query();
+  const params = { ...settings.query().params };
+  if ($("record").checked) params.record = "1";
   const current = new Session(chatUrl(params));
   current.params = params;
   session = current;
   debug.counters.sessions += 1;
   debug.metadata = null;
   serverDroppedBase = null;
+  serverStats = null;
   setState("connecting");
   const ws = current.ws;
   current.timers.push(
@@ -336,6 +371,7 @@ function onMessage(current, data) {
     case KIND.METADATA:
       debug.metadata = decodeJson(payload);
       settings.learnServerDefaults(debug.metadata, current.params);
+      showRecording(current, debug.metadata);
       break;
     case KIND.AUDIO:
       debug.counters.audioMessages += 1;
@@ -352,8 +388,18 @@ function onMessage(current, data) {
       else current.error = error;
       break;
     }
+    case KIND.STATS: {
+      const stats = decodeJson(payload);
+      if (!stats) break;
+      debug.counters.statsMessages += 1;
+      debug.stats = stats;
+      serverStats = stats;
+      current.stats = true;
+      noteRealtime(stats.realtime);
+      break;
+    }
     default:
-      // Kinds this page does not know (a future stats message, say) are skipped, not fatal.
+      // Kinds this page does not know are skipped, not fatal.
       debug.counters.unknownKinds += 1;
   }
 }
@@ -478,10 +524,87 @@ function onStop() {
   setState("stopped");
 }
 
+// ---- recording ---------------------------------------------------------------------------
+
+function showRecording(current, metadata) {
+  current.recordingUrl = metadata?.recording ? metadata.recording_url : null;
+  $("recording").hidden = !current.recordingUrl;
+  recordingError = metadata?.recording_error ?? null; // the user asked and is not being recorded
+  renderRecordingError();
+}
+
+function renderRecordingError() {
+  $("recording-error").hidden = !recordingError;
+  $("recording-error").textContent = recordingError ? t("record.error", { message: recordingError }) : "";
+}
+
+/** Same-origin URL of a recording (`part` "transcript" for the JSON), relative to the page. */
+function recordingHref(url, part) {
+  const href = new URL(httpUrl(url.replace(/^\//, "")));
+  if (part) href.searchParams.set("part", part);
+  return href.href;
+}
+
+/** List a finished session's recording; links once the server has it (404 until it is written). */
+async function offerRecording(url) {
+  const item = { url, at: new Date(), ready: null };
+  recordings.push(item);
+  renderRecordings();
+  const deadline = performance.now() + RECORDING_WAIT_MS;
+  for (;;) {
+    try {
+      const response = await fetch(recordingHref(url, "transcript"), { cache: "no-store" });
+      if (response.ok) break;
+    } catch {
+      // the network hiccuped: try again until the deadline
+    }
+    if (performance.now() > deadline) {
+      item.ready = false; // show the links anyway, with a note: the server may still be writing
+      renderRecordings();
+      return;
+    }
+    await new Promise((resolve) => setTimeout(resolve, RECORDING_POLL_MS));
+  }
+  item.ready = true;
+  renderRecordings();
+}
+
+function renderRecordings() {
+  $("recordings").hidden = recordings.length === 0;
+  const element = (tag, props) => Object.assign(document.createElement(tag), props);
+  const link = (href, label, className) => element("a", { href, className, textContent: t(label) });
+  $("recording-list").replaceChildren(
+    ...recordings.map((item) => {
+      const li = document.createElement("li");
+      const time = item.at.toLocaleTimeString(language() === "ja" ? "ja-JP" : "en-GB");
+      li.append(element("span", { textContent: `${t("record.item", { time })}: ` }));
+      if (item.ready === null) {
+        li.append(t("record.preparing"));
+        return li;
+      }
+      li.append(
+        link(recordingHref(item.url), "record.wav", "recording-wav"),
+        " ",
+        link(recordingHref(item.url, "transcript"), "record.transcript", "recording-transcript"),
+      );
+      if (item.ready === false) li.append(element("p", { className: "hint", textContent: t("record.notYet") }));
+      return li;
+    }),
+  );
+}
+
 // ---- server stats while talking ----------------------------------------------------------
 
+/** Shows or hides the slow-GPU warning once SLOW_AFTER stats messages in a row agree. */
+function noteRealtime(value) {
+  if (typeof value !== "boolean") return; // null: no frame was stepped in the window
+  realtimeRun = value === realtimeRun.value ? { value, count: realtimeRun.count + 1 } : { value, count: 1 };
+  if (realtimeRun.count >= SLOW_AFTER) $("slow-warning").hidden = value;
+}
+
+/** /api/status, for a server that sends no 0x08 stats message (older, or stats turned off). */
 async function pollServerStatus(current) {
-  while (session === current) {
+  while (session === current && !current.stats) {
     try {
       const { status, body } = await fetchJson("api/status");
       if (status === 200 && body) {
@@ -498,8 +621,10 @@ async function pollServerStatus(current) {
 function currentStats() {
   const player = audio.playerStats;
   const talking = view.state === "talking";
-  const serverDroppedMs =
-    serverStatus && serverDroppedBase !== null
+  // The stats message counts this session's drops itself; the polled status counts the server's.
+  const serverDroppedMs = serverStats
+    ? (serverStats.dropped_frames ?? 0) * (serverStats.frame_ms ?? FRAME_MS)
+    : serverStatus && serverDroppedBase !== null
       ? Math.max(0, (serverStatus.frames_dropped ?? 0) - serverDroppedBase) * FRAME_MS
       : null;
   const latencyMs =
@@ -518,6 +643,7 @@ function currentStats() {
     serverDroppedMs,
     underruns: player.underruns,
     server: serverStatus,
+    stats: serverStats,
     metadata: debug.metadata,
   };
 }
@@ -556,6 +682,8 @@ function setLanguage(lang) {
   renderStatsToggle();
   settings.renderLanguage();
   if (!$("stats").hidden) statsView.render(currentStats());
+  renderRecordings();
+  renderRecordingError();
   render();
 }
 
@@ -579,6 +707,8 @@ function setupToggles() {
     storeItem("jmoshi.stats", $("stats").hidden ? "0" : "1");
     renderStatsToggle();
   });
+  $("record").checked = storedItem("jmoshi.record") === "1"; // unchecked unless chosen before
+  $("record").addEventListener("change", () => storeItem("jmoshi.record", $("record").checked ? "1" : "0"));
   $("headphones-ok").addEventListener("click", () => {
     hideHeadphones();
     $("start").focus();

@@ -52,6 +52,22 @@ const MESSAGES = {
     "stats.slowServer":
       "サーバーの処理が 1 フレーム（80 ms）より遅く、音声が途切れたり遅れたりします。より速い GPU が必要です。",
     "stats.times": "{n} 回",
+    "stats.stepP95": "{total} ms（p95 {p95} ms・LM {lm} ms）",
+    "stats.droppedDetail": "{ms} ms（{n} フレーム）",
+    "record.label": "この会話を録音する",
+    "record.note":
+      "録音すると、会話が終わったあとにダウンロードできるよう、サーバーがあなたの声と J-Moshi の声、発話の文字を保存します。" +
+      "保存期間（既定では 7 日間）が過ぎると自動で削除されます。次の「開始」から反映されます。",
+    "record.on": "録音中",
+    "record.error": "録音できていません: {message}",
+    "record.downloads": "録音のダウンロード",
+    "record.preparing": "録音を準備しています…",
+    "record.wav": "音声（WAV）",
+    "record.transcript": "発話の記録（JSON）",
+    "record.notYet": "まだ準備中かもしれません。少し待ってから開いてください。",
+    "record.item": "{time} の会話",
+    "slow.warning":
+      "このGPUでは処理が実時間に間に合っていません。音声の一部が省略されています。",
     "footer.privacy": "このページは外部のサービスを使いません（インターネットのない LAN でも動きます）。",
     "footer.model": "モデル: J-Moshi（nu-dialogue、CC BY-NC 4.0）",
     "retry": "今すぐ試す",
@@ -173,6 +189,22 @@ const MESSAGES = {
     "stats.slowServer":
       "The server needs more than one frame (80 ms) per frame, so audio stutters or lags. A faster GPU is needed.",
     "stats.times": "{n}",
+    "stats.stepP95": "{total} ms (p95 {p95} ms, LM {lm} ms)",
+    "stats.droppedDetail": "{ms} ms ({n} frames)",
+    "record.label": "Record this conversation",
+    "record.note":
+      "When recording, the server keeps your voice, J-Moshi's voice and its words so you can download them " +
+      "after the conversation. They are deleted after the retention period (7 days by default). Applies from the next Start.",
+    "record.on": "Recording",
+    "record.error": "Not recording: {message}",
+    "record.downloads": "Download the recording",
+    "record.preparing": "Preparing the recording…",
+    "record.wav": "Audio (WAV)",
+    "record.transcript": "Transcript (JSON)",
+    "record.notYet": "It may not be ready yet; wait a moment, then open it.",
+    "record.item": "Conversation at {time}",
+    "slow.warning":
+      "This GPU is too slow for real time: parts of the audio are being skipped.",
     "footer.privacy": "This page uses no outside service (it works on a LAN without internet).",
     "footer.model": "Model: J-Moshi (nu-dialogue, CC BY-NC 4.0)",
     "retry": "Try now",

@@ -7,6 +7,7 @@ export const KIND = {
   TEXT: 0x02, // server: UTF-8 text, whole characters
   METADATA: 0x04, // server: JSON right after the handshake
   ERROR: 0x05, // server: JSON {code, message, ...}; the socket closes after most of them
+  STATS: 0x08, // server: JSON about once a second (docs/protocol-stats.md); jmoshi-server only
 };
 
 const utf8 = new TextDecoder("utf-8");

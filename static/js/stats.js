@@ -21,21 +21,27 @@ export class StatsView {
     this.el = (id) => doc.getElementById(id);
   }
 
-  /** data: {latencyMs, bufferedMs, droppedMs, serverDroppedMs, underruns, server, metadata} */
+  /**
+   * data: {latencyMs, bufferedMs, droppedMs, serverDroppedMs, underruns, server, stats, metadata}.
+   * `stats` (the 0x08 message) wins over `server` (/api/status, polled when no 0x08 comes).
+   */
   render(data) {
-    const { server, metadata } = data;
+    const { server, stats, metadata } = data;
     this.el("stat-latency").textContent = ms(data.latencyMs);
     this.el("stat-buffered").textContent = ms(data.bufferedMs);
     this.el("stat-dropped").textContent = ms(data.droppedMs);
-    this.el("stat-server-dropped").textContent = ms(data.serverDroppedMs);
+    this.el("stat-server-dropped").textContent =
+      stats && data.serverDroppedMs != null
+        ? t("stats.droppedDetail", { ms: Math.round(data.serverDroppedMs), n: stats.dropped_frames ?? 0 })
+        : ms(data.serverDroppedMs);
     this.el("stat-underruns").textContent =
       data.underruns == null ? t("stats.none") : t("stats.times", { n: data.underruns });
-    const step = server?.step_ms_p50;
+    const step = stats ? stats.step_ms?.p50 : server?.step_ms_p50;
+    const p95 = stats?.step_ms?.p95?.total;
+    const vars = { total: Math.round(step?.total), lm: Math.round(step?.lm ?? 0), p95: Math.round(p95) };
     this.el("stat-step").textContent =
-      step?.total == null
-        ? t("stats.none")
-        : t("stats.stepDetail", { total: Math.round(step.total), lm: Math.round(step.lm ?? 0) });
-    this.el("stat-warning").hidden = !(step?.total > FRAME_MS);
+      step?.total == null ? t("stats.none") : t(p95 == null ? "stats.stepDetail" : "stats.stepP95", vars);
+    this.el("stat-warning").hidden = !(step?.total > (stats?.frame_ms ?? FRAME_MS));
     const model = metadata?.model ?? server?.model;
     const device = metadata?.device ?? server?.device;
     this.el("stat-model").textContent = model ? `${model} (${device ?? "?"})` : t("stats.none");
