@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 from benchlib import (
     TimedChat,
+    _tests,
     chat_url,
     fetch_text,
     fmt,
@@ -137,14 +138,7 @@ class MoshiServer:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+        _tests().stop_process(self.proc, self._log)
 
 
 def read_trace(trace_dir: Path) -> list[dict]:

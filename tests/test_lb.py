@@ -27,7 +27,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 import pytest
-from conftest import REPO, ServerProcess, free_port
+from conftest import REPO, ServerProcess, free_port, stop_process
 from deploy_files import DEPLOY, haproxy_path, load_generator
 from page_browser import DESKTOP, PageUnderTest, launch
 
@@ -159,14 +159,7 @@ class Balancer:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+        stop_process(self.proc, self._log, timeout=10)
 
 
 def wait_listening(server: ServerProcess, timeout: float = 60.0) -> None:
