@@ -32,7 +32,7 @@ __all__ = ["SAMPLE_RATE", "chat_url"]
 FRAME_S = FRAME_SAMPLES / SAMPLE_RATE
 
 
-def _tests():
+def test_helpers():
     """tests/conftest.py (ServerProcess, the test sentence); needs the dev extras (pytest)."""
     sys.path.insert(0, str(REPO / "tests"))
     import conftest
@@ -44,7 +44,7 @@ def start_jmoshi(log_path: Path, *args: str, demo_dir: Path | None = None):
     """``python -m jmoshi_server --demo`` on a free port (tests/conftest.py's ServerProcess)."""
     from jmoshi_server.demo import ensure_demo_checkpoint
 
-    return _tests().ServerProcess(demo_dir or ensure_demo_checkpoint(), log_path, *args)
+    return test_helpers().ServerProcess(demo_dir or ensure_demo_checkpoint(), log_path, *args)
 
 
 def free_port() -> int:
@@ -105,7 +105,7 @@ def speech(seconds: float, workdir: Path) -> np.ndarray:
     when espeak-ng or sox is missing (timing does not depend on the words)."""
     if shutil.which("espeak-ng") and shutil.which("sox"):
         raw, wav = workdir / "raw.wav", workdir / "speech.wav"
-        text = _tests().SPEECH_TEXT
+        text = test_helpers().SPEECH_TEXT
         subprocess.run(["espeak-ng", "-v", "ja", "-s", "140", "-w", str(raw), text], check=True)
         subprocess.run(["sox", str(raw), "-r", "24000", "-c", "1", "-b", "16", str(wav)], check=True)
         pcm = read_audio(str(wav))

@@ -46,7 +46,6 @@ from pathlib import Path
 import numpy as np
 from benchlib import (
     TimedChat,
-    _tests,
     chat_url,
     fetch_text,
     fmt,
@@ -59,6 +58,7 @@ from benchlib import (
     speech,
     start_jmoshi,
     table,
+    test_helpers,
     timed_chat,
 )
 
@@ -138,7 +138,7 @@ class MoshiServer:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
     def stop(self) -> None:
-        _tests().stop_process(self.proc, self._log)
+        test_helpers().stop_process(self.proc, self._log)
 
 
 def read_trace(trace_dir: Path) -> list[dict]:
