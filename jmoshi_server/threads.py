@@ -20,17 +20,21 @@ async def in_daemon_thread(fn: Callable[..., Any], *args: Any, name: str = "jmos
     loop = asyncio.get_running_loop()
     future = loop.create_future()
 
-    def run() -> None:
-        result, error = None, None
-        try:
-            result = fn(*args)
-        except Exception as exc:  # noqa: BLE001 - re-raised in the awaiting task
-            error = exc
-        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
-            loop.call_soon_threadsafe(_settle, future, result, error)
-
-    threading.Thread(target=run, name=name, daemon=True).start()
+    threading.Thread(target=_call, args=(fn, args, loop, future), name=name, daemon=True).start()
     return await future
+
+
+def _call(
+    fn: Callable[..., Any], args: tuple, loop: asyncio.AbstractEventLoop, future: asyncio.Future
+) -> None:
+    """On a worker thread: run ``fn`` and hand its result or exception to ``future``'s loop."""
+    result, error = None, None
+    try:
+        result = fn(*args)
+    except Exception as exc:  # noqa: BLE001 - re-raised in the awaiting task
+        error = exc
+    with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
+        loop.call_soon_threadsafe(_settle, future, result, error)
 
 
 def _settle(future: asyncio.Future, result: object, error: BaseException | None) -> None:
@@ -68,11 +72,4 @@ class DaemonWorker:
 
     def _work(self) -> None:
         while True:
-            fn, args, loop, future = self._jobs.get()
-            result, error = None, None
-            try:
-                result = fn(*args)
-            except Exception as exc:  # noqa: BLE001 - re-raised in the awaiting task
-                error = exc
-            with contextlib.suppress(RuntimeError):  # that loop is gone: nobody is waiting
-                loop.call_soon_threadsafe(_settle, future, result, error)
+            _call(*self._jobs.get())
