@@ -17,6 +17,7 @@ from typing import Any
 
 
 async def in_daemon_thread(fn: Callable[..., Any], *args: Any, name: str = "jmoshi-io") -> Any:
+    """Await ``fn(*args)`` run on a fresh daemon thread, which never holds up the process's exit."""
     loop = asyncio.get_running_loop()
     future = loop.create_future()
 
