@@ -129,6 +129,11 @@ class EngineSession:
         self.ready = self.loop.create_future()
 
     @property
+    def sampling_in_force(self) -> dict:
+        """The session's sampling settings with the seed actually used (metadata, recordings)."""
+        return {**self.sampling.to_json(), "seed": self.seed}
+
+    @property
     def age_seconds(self) -> float:
         return time.monotonic() - self.started_at
 

@@ -34,6 +34,7 @@ MAX_PENDING_RESULTS = 25  # 2 s of model output waiting for a client that does n
 MAX_SEND_LAG_S = 5.0  # oldest byte the client has not acknowledged (see sendlag.py)
 SEND_TIMEOUT_S = 3.0  # one send waiting for the socket to drain
 CLOSE_TIMEOUT_S = 2.0  # the closing handshake; then the connection is cut
+SHUTDOWN_MESSAGE = "the server is shutting down; try again in a moment"
 SHUTDOWN_WAIT_S = 4.0  # on SIGTERM: a session's time to finish before its connection is cut
 
 
@@ -136,11 +137,7 @@ class ChatSession:
 
     def shut_down(self) -> None:
         """Server shutdown: end the session the normal way (tell, finish recording, free)."""
-        self._end(
-            ErrorCode.SHUTTING_DOWN,
-            "the server is shutting down; try again in a moment",
-            WSCloseCode.GOING_AWAY,
-        )
+        self._end(ErrorCode.SHUTTING_DOWN, SHUTDOWN_MESSAGE, WSCloseCode.GOING_AWAY)
         self._stop.set()
 
     async def refuse(self, code: ErrorCode, message: str, close_code: int, **extra: object) -> None:
@@ -248,7 +245,7 @@ class ChatSession:
             "server": "jmoshi-server",
             "model": model.source,
             "device": str(model.device),
-            "sampling": {**claim.sampling.to_json(), "seed": claim.seed},
+            "sampling": claim.sampling_in_force,
             "sample_rate": 24000,
             "frame_rate": 12.5,
             "max_session_seconds": self.config.max_session_seconds,
@@ -264,7 +261,7 @@ class ChatSession:
         return {
             "session": f"s{self.id}",
             "model": self.engine.model.source,
-            "sampling": {**claim.sampling.to_json(), "seed": claim.seed},
+            "sampling": claim.sampling_in_force,
         }
 
     async def _finish(self) -> None:
@@ -421,12 +418,7 @@ async def shut_down_socket(ws: web.WebSocketResponse) -> None:
         except TimeoutError:
             _abort(ws)  # its sends and close fail at once; a recording finishes in the background
         return
-    await _refuse(
-        ws,
-        ErrorCode.SHUTTING_DOWN,
-        "the server is shutting down; try again in a moment",
-        WSCloseCode.GOING_AWAY,
-    )
+    await _refuse(ws, ErrorCode.SHUTTING_DOWN, SHUTDOWN_MESSAGE, WSCloseCode.GOING_AWAY)
 
 
 async def refuse_chat(
