@@ -60,6 +60,11 @@ class ServerState:
         """Why the server cannot serve: a load failure, or a model that broke after it was ready."""
         return self.failure or (self.engine.failure if self.engine is not None else None)
 
+    @property
+    def current_phase(self) -> str:
+        """``phase``, except "failed" once the model broke after it was ready."""
+        return "failed" if self.problem else self.phase
+
 
 STATE = web.AppKey("state", ServerState)
 STATIC_DIR = web.AppKey("static_dir", Path)
@@ -118,7 +123,7 @@ async def readyz(request: web.Request) -> web.Response:
     state = request.app[STATE]
     if state.ready:
         return web.json_response({"ready": True})
-    phase = "failed" if state.problem else state.phase
+    phase = state.current_phase
     reason = state.problem or {
         "loading": "loading the model (the first start downloads it)",
         "warming_up": "warming up the model",
@@ -135,7 +140,7 @@ async def api_status(request: web.Request) -> web.Response:
     engine = state.engine
     body: dict = {
         "version": __version__,
-        "phase": state.phase,
+        "phase": state.current_phase,
         "ready": state.ready,
         "uptime_seconds": round(time.monotonic() - state.started_at, 1),
         "model": None,

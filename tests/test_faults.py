@@ -310,6 +310,7 @@ async def test_broken_model_turns_readyz_503_and_says_why(start_server):
     assert "the model is unusable" in server.log_text()
     assert get(server.url + "/healthz")[0] == 200  # the process is alive: it is the model
     assert status(server)["failure"] == ready["reason"]
+    assert status(server)["phase"] == "failed"  # /api/status agrees with /readyz
     async with aiohttp.ClientSession() as http, http.ws_connect(chat_url(server.url)) as ws:
         msg = await ws.receive(timeout=10)
         error = json.loads(msg.data[1:])
