@@ -12,8 +12,6 @@ import os
 import platform
 import re
 import shutil
-import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -48,9 +46,7 @@ def start_jmoshi(log_path: Path, *args: str, demo_dir: Path | None = None):
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return test_helpers().free_port()
 
 
 def cores() -> int:
@@ -104,11 +100,7 @@ def speech(seconds: float, workdir: Path) -> np.ndarray:
     """``seconds`` of Japanese speech from espeak-ng (looped); a synthetic voice-like signal
     when espeak-ng or sox is missing (timing does not depend on the words)."""
     if shutil.which("espeak-ng") and shutil.which("sox"):
-        raw, wav = workdir / "raw.wav", workdir / "speech.wav"
-        text = test_helpers().SPEECH_TEXT
-        subprocess.run(["espeak-ng", "-v", "ja", "-s", "140", "-w", str(raw), text], check=True)
-        subprocess.run(["sox", str(raw), "-r", "24000", "-c", "1", "-b", "16", str(wav)], check=True)
-        pcm = read_audio(str(wav))
+        pcm = read_audio(str(test_helpers().make_speech_wav(workdir)))
     else:
         t = np.arange(SAMPLE_RATE * 3) / SAMPLE_RATE
         pcm = (0.2 * np.sin(2 * np.pi * (150 + 50 * np.sin(2 * np.pi * 3 * t)) * t)).astype(np.float32)

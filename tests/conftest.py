@@ -140,15 +140,19 @@ def _need(tool: str) -> str:
     return path
 
 
+def make_speech_wav(out: Path, espeak: str = "espeak-ng", sox: str = "sox") -> Path:
+    """SPEECH_TEXT spoken by espeak-ng, as 24 kHz mono 16-bit WAV in ``out`` (tests, benches)."""
+    raw = out / "espeak.wav"
+    subprocess.run([espeak, "-v", "ja", "-s", "140", "-w", str(raw), SPEECH_TEXT], check=True)
+    wav = out / "speech24k.wav"
+    subprocess.run([sox, str(raw), "-r", "24000", "-c", "1", "-b", "16", str(wav)], check=True)
+    return wav
+
+
 @pytest.fixture(scope="session")
 def speech_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """About 6 s of Japanese speech from espeak-ng at 24 kHz mono 16-bit."""
-    out = tmp_path_factory.mktemp("speech")
-    raw = out / "espeak.wav"
-    subprocess.run([_need("espeak-ng"), "-v", "ja", "-s", "140", "-w", str(raw), SPEECH_TEXT], check=True)
-    wav = out / "speech24k.wav"
-    subprocess.run([_need("sox"), str(raw), "-r", "24000", "-c", "1", "-b", "16", str(wav)], check=True)
-    return wav
+    return make_speech_wav(tmp_path_factory.mktemp("speech"), _need("espeak-ng"), _need("sox"))
 
 
 @pytest.fixture(scope="session")
