@@ -162,10 +162,6 @@ class EngineSession:
             self._inputs.clear()
             self._cond.notify()
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     def _next_frame(self) -> np.ndarray | None:
         """Model thread: the oldest queued frame (its ``received_at`` goes to ``taken_received_at``),
         or None once the session is closed."""

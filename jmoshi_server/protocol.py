@@ -49,16 +49,6 @@ class ErrorCode(enum.StrEnum):
     SHUTTING_DOWN = "shutting_down"
 
 
-# WebSocket close codes (RFC 6455 section 7.4.1, IANA registry).
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
-CLOSE_UNSUPPORTED_DATA = 1003
-CLOSE_POLICY_VIOLATION = 1008
-CLOSE_TOO_BIG = 1009
-CLOSE_INTERNAL_ERROR = 1011
-CLOSE_TRY_AGAIN_LATER = 1013
-
-
 def encode(kind: Kind, payload: bytes = b"") -> bytes:
     return bytes((kind,)) + payload
 
