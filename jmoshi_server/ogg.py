@@ -10,6 +10,7 @@ checked on its own: capture pattern, version, lengths, and the page CRC (RFC 353
 from __future__ import annotations
 
 import struct
+import zlib
 
 CAPTURE = b"OggS"
 _HEADER = struct.Struct("<4sBBqIIIB")  # capture, version, type, granule, serial, seq, crc, segments
@@ -20,25 +21,18 @@ class BadOgg(ValueError):
     """The bytes are not a sequence of whole, intact Ogg pages."""
 
 
-def _crc_table() -> list[int]:
-    table = []
-    for byte in range(256):
-        crc = byte << 24
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x04C11DB7) if crc & 0x80000000 else crc << 1
-        table.append(crc & 0xFFFFFFFF)
-    return table
-
-
-_TABLE = _crc_table()
+# Ogg's CRC is zlib's CRC-32 polynomial with the bits in the other order. Reversing each
+# byte's bits, running zlib's C implementation and reversing the 32-bit result gives the same
+# value ~35x faster than a table loop in Python, which ran on the event loop for every page.
+_REVERSED_BITS = bytes(int(f"{byte:08b}"[::-1], 2) for byte in range(256))
 
 
 def ogg_crc(data: bytes) -> int:
-    """Ogg's CRC-32: polynomial 0x04C11DB7, not reflected, zero init, no final xor."""
-    crc = 0
-    for byte in data:
-        crc = ((crc << 8) & 0xFFFFFFFF) ^ _TABLE[(crc >> 24) ^ byte]
-    return crc
+    """Ogg's CRC-32: polynomial 0x04C11DB7, not reflected, zero init, no final xor (RFC 3533)."""
+    # zlib inverts the register before and after; starting from ~0 and inverting the result
+    # back gives the plain register with zero init and no final xor.
+    reflected = zlib.crc32(data.translate(_REVERSED_BITS), 0xFFFFFFFF) ^ 0xFFFFFFFF
+    return int(f"{reflected:032b}"[::-1], 2)
 
 
 def check_pages(data: bytes) -> int:
