@@ -22,8 +22,8 @@ class BadAudio(ValueError):
 class OpusFrameDecoder:
     """Ogg/Opus pages in, whole 1920-sample float32 frames out.
 
-    sphn decodes on a thread of its own: ``append_bytes`` returns what is decoded so far,
-    so a message's audio may come out with a later message.
+    sphn returns the audio of every whole Opus packet a message completes; clients that send
+    pages of other lengths (opus-recorder's 20 ms packets, say) are re-cut into model frames.
     """
 
     def __init__(self) -> None:
@@ -41,6 +41,8 @@ class OpusFrameDecoder:
             raise BadAudio(f"broken Ogg/Opus stream: {exc}") from None
         if pcm.size == 0:
             return []
+        if self._pending.size == 0 and pcm.size == FRAME_SAMPLES:  # the usual 80 ms page
+            return [pcm.astype(np.float32, copy=False)]
         pending = np.concatenate((self._pending, pcm.astype(np.float32, copy=False)))
         whole = len(pending) // FRAME_SAMPLES * FRAME_SAMPLES
         self._pending = pending[whole:]
