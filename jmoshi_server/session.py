@@ -47,6 +47,11 @@ class ChatSocket(web.WebSocketResponse):
 
     session: ChatSession | None = None  # the chat on this socket, for shutdown
 
+    def __init__(self, **kwargs) -> None:
+        # No permessage-deflate: Opus pages do not compress, so deflating them (and inflating
+        # the client's) was CPU spent on the loop, on every frame's path, for nothing.
+        super().__init__(compress=False, **kwargs)
+
     async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True) -> bool:
         if code == WSCloseCode.MESSAGE_TOO_BIG and not self.closed:
             with contextlib.suppress(ConnectionError, RuntimeError):
