@@ -7,6 +7,7 @@ once and ``/readyz`` says what is happening during a long first download.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import mimetypes
 import statistics
@@ -93,8 +94,27 @@ async def load_engine(state: ServerState) -> None:
     if engine.failure:
         state.phase, state.failure = "failed", engine.failure
         raise CheckpointError(engine.failure)
+    if config.gc_freeze:
+        freeze_garbage_collector()
     state.phase = "ready"
     log.info("ready: %s on %s", model.source, model.device)
+
+
+def freeze_garbage_collector() -> None:
+    """Collect once, then exempt every object alive now from later collections.
+
+    The loaded model, torch and the libraries are ~260 000 long-lived objects. Left tracked,
+    each of Python's occasional full collections walks them all, holding the GIL for ~100 ms:
+    an audible gap in the model's audio and a stalled event loop. They live until exit anyway.
+    """
+    started = time.perf_counter()
+    gc.collect()
+    gc.freeze()
+    log.info(
+        "garbage collector: %d objects frozen after a %.0f ms collection",
+        gc.get_freeze_count(),
+        (time.perf_counter() - started) * 1000,
+    )
 
 
 async def _engine_ctx(app: web.Application):

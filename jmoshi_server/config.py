@@ -69,6 +69,12 @@ class Config:
         "so the event loop and Opus keep a core; see docs/benchmarks.md).",
         0,
     )
+    gc_freeze: bool = _opt(
+        "Once the model is warm, move every object alive then out of the garbage collector's "
+        "reach (gc.freeze). torch and the model leave ~260 000 objects behind; a full collection "
+        "over them stalls both the event loop and the model for ~100 ms (docs/benchmarks.md).",
+        True,
+    )
     bench_step_delay_ms: float = _opt(
         "Benchmarks only: sleep this long in every model step, to imitate a GPU too slow for real "
         "time (bench/slow_model.py). Never set it for real use.",

@@ -6,16 +6,20 @@ What moves them:
 - the session (on the event loop, via ``stats.SessionMeter``): frames in, out and dropped,
   per-frame step times, server-added latency, how each chat socket ended;
 - a small task that sleeps 100 ms in a loop and records how late it woke (event-loop lag);
+- a ``gc.callbacks`` hook that times each garbage collection (it holds the GIL, so it stalls
+  the loop and the model alike; the hook is the one metric the model thread may touch);
 - scrape-time reads: model ready, GPU memory (CUDA only).
 
-The model thread does no metrics work at all: it stamps times on each result, and the event
-loop observes them when the result arrives.
+Apart from the GC hook, the model thread does no metrics work: it stamps times on each
+result, and the event loop observes them when the result arrives.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import time
 from typing import Protocol
 
 import torch
@@ -35,6 +39,7 @@ STEP_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.06, 
 # The target for what the server adds around the model is 2 ms: fine buckets below 10 ms.
 ADDED_BUCKETS = (0.00025, 0.0005, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25)
 LOOP_LAG_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+GC_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25)
 SESSION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 3600)
 LOOP_LAG_INTERVAL_S = 0.1
 
@@ -100,6 +105,13 @@ class Metrics:
             buckets=LOOP_LAG_BUCKETS,
             registry=r,
         )
+        self.gc_pause = Histogram(
+            "jmoshi_gc_pause_seconds",
+            "Garbage collections by generation and how long each held the GIL (every thread waits)",
+            ["generation"],
+            buckets=GC_BUCKETS,
+            registry=r,
+        )
         self.model_ready = Gauge(
             "jmoshi_model_ready", "1 when the model is loaded, warmed up and taking sessions", registry=r
         )
@@ -108,6 +120,8 @@ class Metrics:
             self.step_seconds.labels(stage)
         for reason in (NORMAL, *(str(code) for code in ErrorCode)):
             self.sessions.labels(reason)
+        for generation in range(3):
+            self.gc_pause.labels(str(generation))
 
     def watch(self, view: ServerView) -> None:
         """Scrape-time gauges that read the app's state."""
@@ -160,6 +174,27 @@ async def _loop_lag_ctx(app: web.Application):
         await task
 
 
+class _GcTimer:
+    """A ``gc.callbacks`` hook: observes each collection's duration by generation."""
+
+    def __init__(self, histogram: Histogram) -> None:
+        self.histogram = histogram
+        self.started = 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self.started = time.perf_counter()
+        else:
+            self.histogram.labels(str(info["generation"])).observe(time.perf_counter() - self.started)
+
+
+async def _gc_timer_ctx(app: web.Application):
+    timer = _GcTimer(app[METRICS].gc_pause)
+    gc.callbacks.append(timer)
+    yield
+    gc.callbacks.remove(timer)
+
+
 async def metrics_handler(request: web.Request) -> web.Response:
     encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
     body = encoder(request.app[METRICS].registry)
@@ -174,6 +209,7 @@ def install(app: web.Application, view: ServerView) -> Metrics:
     app[METRICS] = metrics
     app.router.add_get("/metrics", metrics_handler)
     app.cleanup_ctx.append(_loop_lag_ctx)
+    app.cleanup_ctx.append(_gc_timer_ctx)
     return metrics
 
 

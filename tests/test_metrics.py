@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -141,9 +142,16 @@ async def test_metrics_and_stats_move_during_a_real_session(start_server, speech
     assert 0.9 * frames_out <= added <= frames_out
     assert histogram_quantile(after, "jmoshi_step_seconds", 0.5, 'stage="total"') > 0
     assert after["jmoshi_event_loop_lag_seconds_count"] > 0
+    # GC pauses: the full collection before gc.freeze at start-up, young ones during the chat.
+    assert before['jmoshi_gc_pause_seconds_count{generation="2"}'] >= 1
+    assert delta(after, before, 'jmoshi_gc_pause_seconds_count{generation="0"}') > 0
+    assert re.search(r"garbage collector: \d{5,} objects frozen", server.log_text())
 
-    # Stats: about once a second, documented fields, session totals that agree with /metrics.
-    stats = result.stats
+    assert_stats_agree(result.stats, frames_in, frames_out, dropped)
+
+
+def assert_stats_agree(stats: list[dict], frames_in: float, frames_out: float, dropped: float) -> None:
+    """Stats: about once a second, documented fields, session totals that agree with /metrics."""
     assert 3 <= len(stats) <= 7, len(stats)
     for message in stats:
         assert set(message) == STATS_KEYS, set(message) ^ STATS_KEYS
