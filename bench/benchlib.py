@@ -7,11 +7,13 @@ Not a benchmark itself. The scripts put bench/ on sys.path (Python does when the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
 import re
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,11 +40,23 @@ def test_helpers():
     return conftest
 
 
-def start_jmoshi(log_path: Path, *args: str, demo_dir: Path | None = None):
+def start_jmoshi(log_path: Path, *args: str, demo_dir: Path | None = None, env: dict | None = None):
     """``python -m jmoshi_server --demo`` on a free port (tests/conftest.py's ServerProcess)."""
     from jmoshi_server.demo import ensure_demo_checkpoint
 
-    return test_helpers().ServerProcess(demo_dir or ensure_demo_checkpoint(), log_path, *args)
+    return test_helpers().ServerProcess(demo_dir or ensure_demo_checkpoint(), log_path, *args, env=env)
+
+
+@contextlib.contextmanager
+def checkout(rev: str, workdir: Path):
+    """A detached git worktree of ``rev`` (removed afterwards), to run an earlier server as
+    the "before" of a comparison: its directory goes first on ``PYTHONPATH``."""
+    path = workdir / f"rev-{rev.replace('/', '_')}"
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(path), rev], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(path)], check=False)
 
 
 def free_port() -> int:

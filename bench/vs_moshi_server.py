@@ -23,6 +23,7 @@ for its warm-up; LM in float32 like ours on CPU; NO_TORCH_COMPILE=1 as our engin
     python bench/vs_moshi_server.py --variants jmoshi,jmoshi-2threads,moshi.server
     python bench/vs_moshi_server.py --hog 1                 # with a busy process sharing the CPU
     python bench/vs_moshi_server.py --smoke                 # 2 s, 1 round (the tests run this)
+    python bench/vs_moshi_server.py --variants jmoshi --baseline HEAD~3   # before / after a change
 
 Targets: jmoshi-server GET p99 under 10 ms; server-added latency p99 at most 2 ms.
 """
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -47,6 +49,7 @@ import numpy as np
 from benchlib import (
     TimedChat,
     chat_url,
+    checkout,
     fetch_text,
     fmt,
     free_port,
@@ -67,6 +70,10 @@ from jmoshi_server.demo import MIMI_CONFIG_NAME, ensure_demo_checkpoint
 HERE = Path(__file__).resolve().parent
 LOOP_LAG = "jmoshi_event_loop_lag_seconds"
 HANDLED = re.compile(r"frame handled in ([0-9.]+) ?ms")
+
+# Variant "jmoshi@REV" (--baseline REV): jmoshi-server as of git revision REV, run from a
+# worktree that goes first on PYTHONPATH. Filled in by main().
+BASELINE_ENV: dict[str, dict[str, str]] = {}
 
 # name -> (kind, extra flags for jmoshi-server)
 VARIANTS = {
@@ -160,12 +167,14 @@ async def session(base: str, poll_path: str, pcm: np.ndarray) -> tuple[TimedChat
 
 
 def run_once(name: str, demo_dir: Path, workdir: Path, pcm: np.ndarray) -> dict:
-    kind, flags = VARIANTS[name]
+    kind, flags = VARIANTS.get(name, ("jmoshi", []))
     started = time.perf_counter()
     trace_dir = workdir / f"trace-{name}-{time.monotonic_ns()}"
     if kind == "jmoshi":
         log = workdir / f"{name}-{time.monotonic_ns()}.log"
-        server = start_jmoshi(log, "--bench-trace-dir", str(trace_dir), *flags, demo_dir=demo_dir)
+        server = start_jmoshi(
+            log, "--bench-trace-dir", str(trace_dir), *flags, demo_dir=demo_dir, env=BASELINE_ENV.get(name)
+        )
         poll_path = "/healthz"
     else:
         server = MoshiServer(demo_dir, workdir, flags)
@@ -187,15 +196,17 @@ def run_once(name: str, demo_dir: Path, workdir: Path, pcm: np.ndarray) -> dict:
     if kind == "jmoshi":
         trace = read_trace(trace_dir)
         run["model_ms"] = [(r["finished"] - r["started"]) * 1000 for r in trace]
+        answered = [r for r in trace if r["sent"] is not None and r["received"] is not None]
         run["added_ms"] = [
-            ((r["sent"] - r["received"]) - (r["finished"] - r["started"])) * 1000
-            for r in trace
-            if r["sent"] is not None and r["received"] is not None
+            ((r["sent"] - r["received"]) - (r["finished"] - r["started"])) * 1000 for r in answered
         ]
+        # Its two halves: Opus decode + queue + wake-up, and hand-off + Opus encode + send.
+        run["in_ms"] = [(r["started"] - r["received"]) * 1000 for r in answered]
+        run["out_ms"] = [(r["sent"] - r["finished"]) * 1000 for r in answered]
         run["dropped"] = chat.stats[-1]["dropped_frames"] if chat.stats else None
     else:
         run["model_ms"] = [float(m) for m in HANDLED.findall(log_text)]
-        run["added_ms"] = None
+        run["added_ms"] = run["in_ms"] = run["out_ms"] = None
         run["dropped"] = 0  # it never drops: it falls behind instead
     # Per-frame round trip: the n-th audio message answers input page n + lag (the model's delay).
     lag = len(chat.sent) - len(chat.audio)
@@ -221,8 +232,9 @@ def merge(runs: list[dict]) -> dict:
     for run in runs:
         for key in ("gets", "rtt_ms", "model_ms", "client_added_ms"):
             out[key] += run[key]
-        if run["added_ms"] is not None:
-            out["added_ms"] += run["added_ms"]
+        for key in ("added_ms", "in_ms", "out_ms"):
+            if run[key] is not None:
+                out[key] += run[key]
         out["ready_s"].append(run["ready_s"])
         out["first_audio_ms"].append(run["chat"].first_audio_ms)
         out["ratio"].append(run["chat"].out_in_ratio)
@@ -280,6 +292,14 @@ def report(results: dict[str, dict], args) -> dict:
             ),
         ],
         [
+            "  of which: received -> model starts (ms p50 / p99)",
+            *(p50_99(results[n].get("in_ms"), 2) for n in names),
+        ],
+        [
+            "  of which: model done -> audio sent (ms p50 / p99)",
+            *(p50_99(results[n].get("out_ms"), 2) for n in names),
+        ],
+        [
             "server-added, client estimate (ms p50 / p99) [2]",
             *(p50_99(results[n]["client_added_ms"]) for n in names),
         ],
@@ -329,6 +349,11 @@ def main(argv: list[str] | None = None) -> dict:
         help="busy-loop processes kept running during the sessions (another app, or the browser, "
         "sharing the CPU)",
     )
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run jmoshi-server as of this git revision (variant jmoshi@REV), for before / after",
+    )
     parser.add_argument("--smoke", action="store_true", help="2 s sessions, 1 round")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -339,8 +364,12 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     demo_dir = ensure_demo_checkpoint()
     runs: dict[str, list[dict]] = defaultdict(list)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         workdir = Path(tmp)
+        if args.baseline:
+            before = stack.enter_context(checkout(args.baseline, workdir))
+            names.insert(0, f"jmoshi@{args.baseline}")
+            BASELINE_ENV[names[0]] = {"PYTHONPATH": str(before)}
         pcm = speech(args.seconds, workdir)
         hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.hog)]
         try:
