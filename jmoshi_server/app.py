@@ -7,7 +7,6 @@ once and ``/readyz`` says what is happening during a long first download.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import mimetypes
 import statistics
@@ -22,6 +21,7 @@ from .checkpoint import CheckpointError, load_model
 from .config import Config
 from .engine import Engine
 from .protocol import ErrorCode, Sampling
+from .runtime import CpuSplit
 from .session import handle_chat, refuse_chat, shut_down_socket
 from .threads import in_daemon_thread
 
@@ -50,6 +50,7 @@ class ServerState:
     started_at: float = field(default_factory=time.monotonic)
     sockets: set[web.WebSocketResponse] = field(default_factory=set)
     loader: asyncio.Task | None = None
+    cpu_split: CpuSplit | None = None  # set by the CLI, which pinned the loop's thread
 
     @property
     def ready(self) -> bool:
@@ -85,6 +86,8 @@ async def load_engine(state: ServerState) -> None:
         config.warmup_frames,
         step_delay_ms=config.bench_step_delay_ms,
         torch_threads=config.torch_threads,
+        cpus=state.cpu_split.model if state.cpu_split else None,
+        freeze_gc=config.gc_freeze,
     )
     engine.start()
     state.engine = engine
@@ -94,27 +97,8 @@ async def load_engine(state: ServerState) -> None:
     if engine.failure:
         state.phase, state.failure = "failed", engine.failure
         raise CheckpointError(engine.failure)
-    if config.gc_freeze:
-        freeze_garbage_collector()
     state.phase = "ready"
     log.info("ready: %s on %s", model.source, model.device)
-
-
-def freeze_garbage_collector() -> None:
-    """Collect once, then exempt every object alive now from later collections.
-
-    The loaded model, torch and the libraries are ~260 000 long-lived objects. Left tracked,
-    each of Python's occasional full collections walks them all, holding the GIL for ~100 ms:
-    an audible gap in the model's audio and a stalled event loop. They live until exit anyway.
-    """
-    started = time.perf_counter()
-    gc.collect()
-    gc.freeze()
-    log.info(
-        "garbage collector: %d objects frozen after a %.0f ms collection",
-        gc.get_freeze_count(),
-        (time.perf_counter() - started) * 1000,
-    )
 
 
 async def _engine_ctx(app: web.Application):
@@ -205,9 +189,10 @@ async def index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(request.app[STATIC_DIR] / "index.html")
 
 
-def create_app(config: Config) -> web.Application:
+def create_app(config: Config, cpu_split: CpuSplit | None = None) -> web.Application:
+    """The whole server; ``cpu_split`` when the caller pinned the loop (runtime.py)."""
     app = web.Application()
-    app[STATE] = ServerState(config)
+    app[STATE] = ServerState(config, cpu_split=cpu_split)
     static_dir = config.static_dir or bundled_static_dir()
     app[STATIC_DIR] = static_dir
     metrics.install(app, app[STATE])  # /metrics, before the static catch-all at /

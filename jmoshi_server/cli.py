@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from . import tls
+from . import runtime, tls
 from .app import STATE, create_app
 from .checkpoint import CheckpointError
 from .config import Config, parse_config
@@ -82,7 +82,7 @@ async def serve(config: Config) -> int:
     except tls.TlsError as exc:
         log.error("cannot serve HTTPS: %s", exc)
         return 1
-    app = create_app(config)
+    app = create_app(config, cpu_split=_split_cpus(config))
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, ssl_context=https.context if https else None)
@@ -115,6 +115,15 @@ async def serve(config: Config) -> int:
     stopper.cancel()
     await runner.cleanup()
     return code
+
+
+def _split_cpus(config: Config) -> runtime.CpuSplit | None:
+    """--cpu-split: pin this (the event loop's) thread; the model thread pins itself."""
+    split = runtime.plan_split() if config.cpu_split else None
+    if split is None or not runtime.pin_this_thread(split.loop):
+        return None
+    log.info("CPUs: %s", split.describe())
+    return split
 
 
 def main(argv: Sequence[str] | None = None) -> int:

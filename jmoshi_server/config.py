@@ -69,6 +69,13 @@ class Config:
         "so the event loop and Opus keep a core; see docs/benchmarks.md).",
         0,
     )
+    cpu_split: bool = _opt(
+        "Pin the event loop to one CPU and the model thread (with torch's threads) to the others, "
+        "so the loop never waits behind the model for a time slice (Linux, 2+ CPUs). Off by "
+        "default: on the 2-core dev VM it helped GET latency and hurt the audio path "
+        "(docs/benchmarks.md); measure on your machine.",
+        False,
+    )
     gc_freeze: bool = _opt(
         "Once the model is warm, move every object alive then out of the garbage collector's "
         "reach (gc.freeze). torch and the model leave ~260 000 objects behind; a full collection "

@@ -32,7 +32,7 @@ import torch
 from moshi.models import LMGen
 from moshi.utils import compile as compile_utils
 
-from . import faults
+from . import faults, runtime
 from .checkpoint import LoadedModel
 from .protocol import Sampling
 
@@ -202,15 +202,20 @@ class Engine:
         model: LoadedModel,
         default_sampling: Sampling,
         warmup_frames: int = 4,
+        *,
         step_delay_ms: float = 0.0,
         torch_threads: int = 0,
+        cpus: frozenset[int] | None = None,
+        freeze_gc: bool = False,
     ) -> None:
         self.model = model
         self.default_sampling = default_sampling
         self.warmup_frames = warmup_frames
         # Benchmarks only (--bench-step-delay-ms): imitate an LM too slow for real time.
         self.step_delay_s = step_delay_ms / 1000
-        self.torch_threads = resolve_torch_threads(torch_threads)
+        self.cpus = cpus  # the model thread's CPUs (None: wherever the OS puts it)
+        self.freeze_gc = freeze_gc  # runtime.freeze_garbage_collector once warm, before ready
+        self.torch_threads = resolve_torch_threads(torch_threads, cpus)
         self.lm_gen = LMGen(
             model.lm,
             temp=default_sampling.audio_temperature,
@@ -272,7 +277,10 @@ class Engine:
     # ---- model thread ------------------------------------------------------------------
 
     def _run(self) -> None:
-        # On the model thread itself: with OpenMP the thread count is per calling thread.
+        # On the model thread itself: torch's threads inherit its CPU mask, and with OpenMP
+        # the thread count is per calling thread.
+        if self.cpus is not None:
+            runtime.pin_this_thread(self.cpus)
         torch.set_num_threads(self.torch_threads)
         # On CPU moshi's small torch.compile fusions cost ~20 s of compiling at warm-up and
         # gain nothing measurable; on CUDA they stay on.
@@ -285,6 +293,8 @@ class Engine:
                 self.failure = f"warm-up failed: {exc}"
                 log.exception("warm-up failed; the server stays up but is not ready")
                 return
+            if self.freeze_gc:
+                runtime.freeze_garbage_collector()
             self.ready.set()
             while True:
                 with self._wake:
@@ -424,14 +434,17 @@ class Engine:
         return FrameResult(pcm_out, text_token, StepTimings(encode_ms, lm_ms, decode_ms), frame)
 
 
-def resolve_torch_threads(requested: int = 0) -> int:
-    """Torch CPU threads for the model: ``requested``, or for 0 one fewer than the cores.
+def resolve_torch_threads(requested: int = 0, cpus: frozenset[int] | None = None) -> int:
+    """Torch CPU threads for the model: ``requested``; for 0 the model's CPUs when it has
+    its own (cpus.py), else one fewer than the cores.
 
     On a 2-core machine torch's default (one thread per core) lets the model's OpenMP threads
     spin on the core the event loop and Opus need; bench/frame_loop.py --threads compares.
     """
     if requested > 0:
         return requested
+    if cpus:
+        return len(cpus)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores - 1)
 
