@@ -56,6 +56,7 @@ SMOKES = {
     "vs_moshi_server": ["bench/vs_moshi_server.py", "--smoke"],
     "slow_model": ["bench/slow_model.py", "--smoke"],
     "soak_memory": ["bench/soak_memory.py", "--smoke"],
+    "loop_wait": ["bench/loop_wait.py", "--smoke"],
     "gpu": ["bench/gpu.py", "--device", "cpu", "--tiny", "--frames", "5", "--skip", "1", "--closed-loop"],
 }
 
@@ -275,6 +276,17 @@ def test_vs_moshi_server_smoke(smokes):
         assert s["errors"] == [] and s["first_audio_ms"] > 0 and s["get_p99_ms"] > 0, (name, s)
     assert summary["jmoshi"]["out_in_ratio"] > 0  # how much depends on the load: no timing asserts
     assert summary["jmoshi"]["server_added_p99_ms"] is not None
+
+
+def test_loop_wait_smoke(smokes):
+    rc, out = smokes("loop_wait")
+    assert rc == 0, out
+    summary = last_json(out)
+    assert {"5ms", "0.5ms"} <= set(summary)
+    for name in ("5ms", "0.5ms"):
+        assert summary[name]["late_p99_ms"] >= 0 and summary[name]["handoff_p99_ms"] > 0
+    # Freezing takes the model's objects out of a full collection: it must get cheaper.
+    assert summary["gc_full_ms"]["frozen"] < summary["gc_full_ms"]["before"]
 
 
 def test_slow_model_smoke_counts_and_reports_drops(smokes):
