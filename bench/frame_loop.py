@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import time
 from collections import defaultdict
@@ -38,29 +37,9 @@ from jmoshi_server.engine import (
     resolve_torch_threads,
 )
 from jmoshi_server.protocol import Sampling
+from jmoshi_server.runtime import GcPauseTimer
 
 STAGES = ("encode", "lm", "decode", "total")
-
-
-class GcWatch:
-    """Counts Python GC collections and times their pauses (they hold the GIL)."""
-
-    def __init__(self) -> None:
-        self.pauses: list[float] = []
-        self._start = 0.0
-
-    def __call__(self, phase: str, info: dict) -> None:
-        if phase == "start":
-            self._start = time.perf_counter()
-        else:
-            self.pauses.append((time.perf_counter() - self._start) * 1000)
-
-    def __enter__(self) -> GcWatch:
-        gc.callbacks.append(self)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        gc.callbacks.remove(self)
 
 
 async def run_session(engine: Engine, frames: int, realtime: bool, rng: np.random.Generator) -> list[dict]:
@@ -110,11 +89,12 @@ async def run_variant(model, config, threads: int, frames: int, *, realtime: boo
         await asyncio.sleep(0.01)
     warmup_s = time.perf_counter() - started
     try:
-        with GcWatch() as watch:
+        pauses: list[float] = []  # ms
+        with GcPauseTimer(lambda _generation, seconds: pauses.append(seconds * 1000)):
             steps = await run_session(engine, frames, realtime, np.random.default_rng(seed))
     finally:
         await asyncio.to_thread(engine.stop)
-    return {"steps": steps, "warmup_s": warmup_s, "gc": watch.pauses}
+    return {"steps": steps, "warmup_s": warmup_s, "gc": pauses}
 
 
 def summarise(runs: list[dict], skip: int) -> dict:

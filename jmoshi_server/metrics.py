@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
-import time
 from typing import Protocol
 
 import torch
@@ -30,6 +28,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .protocol import ErrorCode
+from .runtime import GcPauseTimer
 
 STAGES = ("encode", "lm", "decode", "total")
 NORMAL = "normal"  # the session label for an ending without an error code
@@ -174,25 +173,10 @@ async def _loop_lag_ctx(app: web.Application):
         await task
 
 
-class _GcTimer:
-    """A ``gc.callbacks`` hook: observes each collection's duration by generation."""
-
-    def __init__(self, histogram: Histogram) -> None:
-        self.histogram = histogram
-        self.started = 0.0
-
-    def __call__(self, phase: str, info: dict) -> None:
-        if phase == "start":
-            self.started = time.perf_counter()
-        else:
-            self.histogram.labels(str(info["generation"])).observe(time.perf_counter() - self.started)
-
-
 async def _gc_timer_ctx(app: web.Application):
-    timer = _GcTimer(app[METRICS].gc_pause)
-    gc.callbacks.append(timer)
-    yield
-    gc.callbacks.remove(timer)
+    histogram = app[METRICS].gc_pause
+    with GcPauseTimer(lambda generation, seconds: histogram.labels(str(generation)).observe(seconds)):
+        yield
 
 
 async def metrics_handler(request: web.Request) -> web.Response:

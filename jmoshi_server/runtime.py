@@ -22,6 +22,7 @@ import gc
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,28 @@ def freeze_garbage_collector() -> None:
         gc.get_freeze_count(),
         (time.perf_counter() - started) * 1000,
     )
+
+
+class GcPauseTimer:
+    """A ``gc.callbacks`` hook, used as a context manager: ``on_pause(generation, seconds)``
+    after every collection (each holds the GIL, so every thread waits that long)."""
+
+    def __init__(self, on_pause: Callable[[int, float], None]) -> None:
+        self.on_pause = on_pause
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.on_pause(info["generation"], time.perf_counter() - self._started)
+
+    def __enter__(self) -> GcPauseTimer:
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -67,3 +68,13 @@ def test_without_cpu_split_no_thread_is_pinned(server):
     if not Path("/proc").is_dir():
         pytest.skip("needs /proc")
     assert set(_thread_cpus(server.proc.pid)) == {_allowed_list()}
+
+
+def test_gc_pause_timer_reports_each_collection_while_installed():
+    pauses: list[tuple[int, float]] = []
+    with runtime.GcPauseTimer(lambda generation, seconds: pauses.append((generation, seconds))):
+        gc.collect()
+    assert pauses and pauses[-1][0] == 2 and pauses[-1][1] >= 0
+    seen = len(pauses)
+    gc.collect()
+    assert len(pauses) == seen  # removed from gc.callbacks on exit
