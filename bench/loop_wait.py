@@ -63,7 +63,6 @@ async def run_variant(
         model,
         Sampling.defaults(config),
         config.warmup_frames,
-        torch_threads=len(split.model) if split else 0,
         cpus=split.model if split else None,
     )
     try:

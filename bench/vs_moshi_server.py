@@ -72,10 +72,6 @@ HERE = Path(__file__).resolve().parent
 LOOP_LAG = "jmoshi_event_loop_lag_seconds"
 HANDLED = re.compile(r"frame handled in ([0-9.]+) ?ms")
 
-# Variant "jmoshi@REV" (--baseline REV): jmoshi-server as of git revision REV, run from a
-# worktree that goes first on PYTHONPATH. Filled in by main().
-BASELINE_ENV: dict[str, dict[str, str]] = {}
-
 # name -> (kind, extra flags for jmoshi-server)
 VARIANTS = {
     "jmoshi": ("jmoshi", []),
@@ -168,15 +164,16 @@ async def session(base: str, poll_path: str, pcm: np.ndarray) -> tuple[TimedChat
     return chat, await poller
 
 
-def run_once(name: str, demo_dir: Path, workdir: Path, pcm: np.ndarray) -> dict:
-    kind, flags = VARIANTS.get(name, ("jmoshi", []))
+def run_once(
+    name: str, demo_dir: Path, workdir: Path, pcm: np.ndarray, env: dict[str, str] | None = None
+) -> dict:
+    """One session of variant ``name``; ``env`` is added to a jmoshi-server's environment."""
+    kind, flags = VARIANTS.get(name, ("jmoshi", []))  # jmoshi@REV: no flags of its own
     started = time.perf_counter()
     trace_dir = workdir / f"trace-{name}-{time.monotonic_ns()}"
     if kind == "jmoshi":
         log = workdir / f"{name}-{time.monotonic_ns()}.log"
-        server = start_jmoshi(
-            log, "--bench-trace-dir", str(trace_dir), *flags, demo_dir=demo_dir, env=BASELINE_ENV.get(name)
-        )
+        server = start_jmoshi(log, "--bench-trace-dir", str(trace_dir), *flags, demo_dir=demo_dir, env=env)
         poll_path = "/healthz"
     else:
         server = MoshiServer(demo_dir, workdir, flags)
@@ -366,12 +363,14 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     demo_dir = ensure_demo_checkpoint()
     runs: dict[str, list[dict]] = defaultdict(list)
+    envs: dict[str, dict[str, str]] = {}
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         workdir = Path(tmp)
         if args.baseline:
             before = stack.enter_context(checkout(args.baseline, workdir))
             names.insert(0, f"jmoshi@{args.baseline}")
-            BASELINE_ENV[names[0]] = {"PYTHONPATH": str(before)}
+            # jmoshi@REV runs from the worktree, first on PYTHONPATH.
+            envs[names[0]] = {"PYTHONPATH": str(before)}
         pcm = speech(args.seconds, workdir)
         # This process imported torch too: keep its own full collections (~100 ms) out of
         # the GET and round-trip figures it measures.
@@ -381,7 +380,7 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             for r in range(args.rounds):
                 for name in names if r % 2 == 0 else list(reversed(names)):
-                    runs[name].append(run_once(name, demo_dir, workdir, pcm))
+                    runs[name].append(run_once(name, demo_dir, workdir, pcm, envs.get(name)))
         finally:
             for hog in hogs:
                 hog.kill()

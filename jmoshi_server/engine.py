@@ -436,7 +436,7 @@ class Engine:
 
 def resolve_torch_threads(requested: int = 0, cpus: frozenset[int] | None = None) -> int:
     """Torch CPU threads for the model: ``requested``; for 0 the model's CPUs when it has
-    its own (cpus.py), else one fewer than the cores.
+    its own (runtime.py), else one fewer than the cores.
 
     On a 2-core machine torch's default (one thread per core) lets the model's OpenMP threads
     spin on the core the event loop and Opus need; bench/frame_loop.py --threads compares.
